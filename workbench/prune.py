@@ -1,0 +1,336 @@
+"""The single layer-wise pruning driver, and its config and result.
+
+    result = prune(model, PruneConfig(method="sparsegpt", pattern="2:4"), tokenizer=tokenizer)
+
+The driver captures the inputs of decoder block 0 on the calibration batch, then for each block:
+hooks the linears in scope to accumulate input statistics, lets the method decide masks (and new
+weights), re-runs the pruned block to produce the next block's inputs, and frees memory. Every
+method plugs into this one loop; only one block's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, weight_of
+from workbench.methods import METHODS, STATS_NEEDED
+from workbench.patterns import Pattern, PatternError, check_divides, check_sparsity, parse_pattern
+from workbench.sparsity import sparsity_summary, sparsity_table
+from workbench.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("all", "mlp", "attention")
+
+
+class PruneCancelled(RuntimeError):
+    """Raised between blocks when the caller asked to stop; the model is partly pruned."""
+
+
+@dataclass
+class PruneConfig:
+    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt (structured: see retrain-free)
+    pattern: str = "unstructured"  # unstructured | N:M | channel | head
+    sparsity: float = 0.5  # ignored by N:M patterns, which fix it
+    scope: str = "all"  # all | mlp | attention
+    exclude: str | None = None  # regex over full linear names, e.g. "layers\.0\."
+    calibration: str = "wikitext2"  # a data name or a local path (see workbench.data)
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 8  # calibration windows per block forward
+    blocksize: int = 128  # SparseGPT lazy-update block
+    percdamp: float = 0.01  # SparseGPT dampening, a fraction of the mean Hessian diagonal
+    block_sparsity: list[float] | None = None  # per-block targets (non-uniform allocation)
+    record_error: bool = True  # collect X^T X for every layer to report its output error
+
+    def validate(self) -> Pattern:
+        """Check every field; return the parsed pattern. Errors name the problem and the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {sorted(METHODS)}")
+        pattern = parse_pattern(self.pattern)
+        if pattern.structured:
+            raise PatternError(
+                f"the layer-wise driver prunes element-wise patterns; {pattern} pruning is the "
+                "structured pipeline (method 'retrain-free')"
+            )
+        check_sparsity(self.sparsity)
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}: choose one of {SCOPES}")
+        if self.exclude:
+            try:
+                re.compile(self.exclude)
+            except re.error as err:
+                raise ValueError(f"exclude {self.exclude!r} is not a valid regex: {err}") from None
+        for name in ("nsamples", "seqlen", "batch_size", "blocksize"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
+        for value in self.block_sparsity or []:
+            check_sparsity(value)
+        return pattern
+
+    @property
+    def effective_sparsity(self) -> float:
+        fixed = parse_pattern(self.pattern).fixed_sparsity
+        return self.sparsity if fixed is None else fixed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class PruneResult:
+    config: PruneConfig
+    masks: dict[str, torch.Tensor]  # full linear name -> keep mask (out, in), bool, on CPU
+    sparsity: pd.DataFrame  # workbench.sparsity.sparsity_table after pruning
+    summary: dict  # workbench.sparsity.sparsity_summary after pruning
+    errors: pd.DataFrame  # per linear: block, name, kind, relative output error on calibration
+    timings: pd.DataFrame  # per block: stats_s, solve_s, rerun_s
+    seconds: float = 0.0
+    calibration: dict = field(default_factory=dict)  # source, sha256, nsamples, seqlen, seed
+
+
+# --- calibration plumbing -------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tensor,
+                         batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states and keyword arguments that block 0 receives, per calibration micro-batch."""
+    first = layout.blocks[0].module
+    inputs, kwargs = [], []
+
+    def grab(_module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values",
+                                                                 "layer_past", "cache_position")})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+               device: str) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kw in zip(inputs, kwargs):
+        out = _hidden(block(hidden.to(device), **_to_device(kw, device)))
+        outputs.append(out.to(hidden.device))
+    return outputs
+
+
+def _linears_in_scope(block: BlockInfo, config: PruneConfig, pattern: Pattern) -> list[LinearInfo]:
+    chosen = block.select(config.scope)
+    if config.exclude:
+        chosen = [lin for lin in chosen if not re.search(config.exclude, lin.full_name)]
+    for lin in chosen:
+        check_divides(pattern, in_out_features(lin.module)[0], lin.full_name)
+    return chosen
+
+
+def _attach_stats(linears: list[LinearInfo], gram: bool, device: str):
+    """Forward hooks feeding each linear's input into its InputStats. Linears that receive the
+    very same input tensor (q/k/v, gate/up) share one accumulator."""
+    stats: dict[str, InputStats] = {}
+    last: dict = {"tensor": None, "stats": None}
+    handles = []
+
+    def make_hook(name: str, in_features: int):
+        def hook(_module, args, _output):
+            x = args[0]
+            if last["tensor"] is x:  # the same object, so the same statistics
+                stats[name] = last["stats"]
+                return
+            if name not in stats:
+                stats[name] = InputStats(in_features, gram=gram, device=device)
+            stats[name].add_batch(x)
+            last.update(tensor=x, stats=stats[name])
+        return hook
+
+    for lin in linears:
+        in_features = in_out_features(lin.module)[0]
+        handles.append(lin.module.register_forward_hook(make_hook(lin.full_name, in_features)))
+
+    def detach():
+        for handle in handles:
+            handle.remove()
+        last.update(tensor=None, stats=None)
+
+    return stats, detach
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+
+def _calibration_ids(config: PruneConfig, calibration, tokenizer) -> tuple[torch.Tensor, dict]:
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long(), {"source": "tensor", "nsamples": int(calibration.shape[0]),
+                                    "seqlen": int(calibration.shape[1])}
+    if calibration is not None and hasattr(calibration, "ids"):
+        data = calibration
+    else:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer (or calibration token ids) so calibration text can "
+                             "be tokenized")
+        from workbench.data import load_calibration
+
+        data = load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
+                                seqlen=config.seqlen, seed=config.seed)
+    info = {"source": data.source, "sha256": data.sha256, "nsamples": data.nsamples,
+            "seqlen": data.seqlen, "seed": data.seed}
+    return data.ids.long(), info
+
+
+def _block_target(config: PruneConfig, index: int) -> float:
+    if config.block_sparsity is not None:
+        return config.block_sparsity[index]
+    return config.sparsity
+
+
+def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
+          progress: Callable[[int, int, str], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> PruneResult:
+    """Prune `model` in place as `config` says and return what was done.
+
+    `calibration`: token ids (nsamples, seqlen), a `workbench.data.CalibrationData`, or None to
+    load `config.calibration` with `tokenizer`. `progress(done, total, message)` is called after
+    each block; `should_stop()` is polled between blocks and raises PruneCancelled.
+    """
+    pattern = config.validate()
+    layout = describe(model)
+    if config.block_sparsity is not None and len(config.block_sparsity) != layout.num_blocks:
+        raise ValueError(f"block_sparsity has {len(config.block_sparsity)} entries but the model "
+                         f"has {layout.num_blocks} blocks")
+    scoped = [_linears_in_scope(block, config, pattern) for block in layout.blocks]
+    if not any(scoped):
+        raise ValueError(f"nothing to prune: scope {config.scope!r} with exclude "
+                         f"{config.exclude!r} selects no linear layer")
+
+    method = METHODS[config.method]
+    needed = STATS_NEEDED[config.method]
+    uses_data = needed is not None or config.record_error
+    gram = needed == "gram" or config.record_error
+    device = config.device
+    start_time = time.perf_counter()
+
+    was_training = model.training
+    model.eval()
+    inputs = kwargs = None
+    calib_info: dict = {}
+    if uses_data:
+        ids, calib_info = _calibration_ids(config, calibration, tokenizer)
+        inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size)
+
+    masks: dict[str, torch.Tensor] = {}
+    errors, timings = [], []
+    bar = tqdm(layout.blocks, desc=f"{config.method} {pattern}", unit="block", leave=False)
+    try:
+        for block, linears in zip(bar, scoped):
+            if should_stop is not None and should_stop():
+                raise PruneCancelled(f"stopped before block {block.index}; blocks before it are "
+                                     "pruned, the rest are dense")
+            block_device_before = next(block.module.parameters()).device
+            block.module.to(device)
+            t0 = time.perf_counter()
+            stats: dict[str, InputStats] = {}
+            if uses_data and linears:
+                stats, detach = _attach_stats(linears, gram=gram, device=device)
+                try:
+                    with torch.no_grad():
+                        _run_block(block.module, inputs, kwargs, device)
+                finally:
+                    detach()
+            t1 = time.perf_counter()
+            target = _block_target(config, block.index)
+            for lin in linears:
+                weight = weight_of(lin.module)
+                dense = weight.to(torch.float32, copy=True).contiguous()
+                new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
+                                          blocksize=config.blocksize, percdamp=config.percdamp)
+                new_weight = new_weight * keep  # the mask is the contract, whatever the method did
+                error = stats[lin.full_name].relative_error(dense, new_weight) \
+                    if lin.full_name in stats else float("nan")
+                weight.copy_(new_weight.to(weight.dtype))
+                masks[lin.full_name] = keep.cpu()
+                errors.append({"block": block.index, "name": lin.full_name, "kind": lin.kind,
+                               "group": lin.group, "error": error})
+            t2 = time.perf_counter()
+            if uses_data and block.index + 1 < layout.num_blocks:
+                with torch.no_grad():
+                    inputs = _run_block(block.module, inputs, kwargs, device)
+            t3 = time.perf_counter()
+            block.module.to(block_device_before)
+            del stats
+            timings.append({"block": block.index, "stats_s": t1 - t0, "solve_s": t2 - t1,
+                            "rerun_s": t3 - t2})
+            log.info("block %d: stats %.2fs, solve %.2fs, re-run %.2fs", block.index,
+                     t1 - t0, t2 - t1, t3 - t2)
+            if progress is not None:
+                progress(block.index + 1, layout.num_blocks, f"block {block.index + 1}/"
+                         f"{layout.num_blocks}")
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    table = sparsity_table(model, layout)
+    return PruneResult(
+        config=config,
+        masks=masks,
+        sparsity=table,
+        summary=sparsity_summary(model, layout, table),
+        errors=pd.DataFrame(errors, columns=["block", "name", "kind", "group", "error"]),
+        timings=pd.DataFrame(timings, columns=["block", "stats_s", "solve_s", "rerun_s"]),
+        seconds=time.perf_counter() - start_time,
+        calibration=calib_info,
+    )
