@@ -24,6 +24,15 @@ from tqdm.auto import tqdm
 
 from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, weight_of
 from workbench.methods import METHODS, STATS_NEEDED
+from workbench.methods.retrain_free import (
+    ALLOCATIONS,
+    STRUCTURED_METHODS,
+    Structure,
+    StructuredPlan,
+    plan_structured,
+    resolve_allocation,
+)
+from workbench.methods.retrain_free import check_scope as check_structured_scope
 from workbench.patterns import Pattern, PatternError, check_divides, check_sparsity, parse_pattern
 from workbench.sparsity import sparsity_summary, sparsity_table
 from workbench.stats import InputStats
@@ -54,17 +63,28 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT dampening, a fraction of the mean Hessian diagonal
     block_sparsity: list[float] | None = None  # per-block targets (non-uniform allocation)
     record_error: bool = True  # collect X^T X for every layer to report its output error
+    # Structured patterns (channel/head) only; see workbench.methods.retrain_free.
+    mask_tuning: bool | None = None  # least-squares refit of down/o; None: on for retrain-free
+    allocation: str = "auto"  # auto | global (Fisher, across blocks) | uniform (same per block)
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Errors name the problem and the fix."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {sorted(METHODS)}")
+        if self.method not in METHODS and self.method not in STRUCTURED_METHODS:
+            known = sorted(set(METHODS) | set(STRUCTURED_METHODS))
+            raise ValueError(f"unknown method {self.method!r}: choose one of {known}")
         pattern = parse_pattern(self.pattern)
         if pattern.structured:
-            raise PatternError(
-                f"the layer-wise driver prunes element-wise patterns; {pattern} pruning is the "
-                "structured pipeline (method 'retrain-free')"
-            )
+            if self.method not in STRUCTURED_METHODS:
+                raise PatternError(f"{pattern} pruning works with methods {STRUCTURED_METHODS}; "
+                                   f"{self.method} prunes element-wise patterns")
+            check_structured_scope(pattern.kind, self.scope)
+            if self.allocation not in ALLOCATIONS:
+                raise ValueError(f"unknown allocation {self.allocation!r}: choose one of "
+                                 f"{ALLOCATIONS}")
+            resolve_allocation(self.method, self.allocation)
+        elif self.method not in METHODS:
+            raise PatternError(f"{self.method} removes whole MLP channels or attention heads: use "
+                               "pattern 'channel' (scope 'mlp') or 'head' (scope 'attention')")
         check_sparsity(self.sparsity)
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {SCOPES}")
@@ -109,6 +129,25 @@ class PruneResult:
     timings: pd.DataFrame  # per block: stats_s, solve_s, rerun_s
     seconds: float = 0.0
     calibration: dict = field(default_factory=dict)  # source, sha256, nsamples, seqlen, seed
+    structure: Structure | None = None  # channel/head patterns: kept units per block (slim.py)
+
+
+@dataclass
+class CalibrationCache:
+    """Calibration work that stays valid across several prunes of one model (a sweep).
+
+    `block_inputs` is what block 0 receives: the embeddings are never pruned, so it holds for
+    every point as long as the calibration ids and batch size are the same. `dense_stats` holds
+    every scoped linear's input statistics measured on the dense network; when set, `prune` uses
+    them instead of re-running each block on the pruned network's inputs (fast mode: one
+    statistics pass for many sparsity levels, at the cost of ignoring earlier blocks' pruning).
+    """
+
+    info: dict = field(default_factory=dict)
+    batch_size: int | None = None
+    block_inputs: tuple[list[torch.Tensor], list[dict]] | None = None
+    dense_stats: dict[str, InputStats] | None = None
+    gram: bool = False
 
 
 # --- calibration plumbing -------------------------------------------------------------------
@@ -232,6 +271,78 @@ def _calibration_ids(config: PruneConfig, calibration, tokenizer) -> tuple[torch
     return data.ids.long(), info
 
 
+def _block0_inputs(model: nn.Module, layout: ModelLayout, config: PruneConfig, calibration,
+                   tokenizer, cache: CalibrationCache | None):
+    """Block 0's calibration inputs, taken from `cache` when it holds them, stored there if not."""
+    if cache is not None and cache.block_inputs is not None and cache.batch_size == config.batch_size:
+        inputs, kwargs = cache.block_inputs
+        return list(inputs), list(kwargs), dict(cache.info)
+    ids, info = _calibration_ids(config, calibration, tokenizer)
+    inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size)
+    if cache is not None:
+        cache.block_inputs, cache.batch_size, cache.info = (list(inputs), list(kwargs)), \
+            config.batch_size, dict(info)
+    return inputs, kwargs, info
+
+
+@torch.no_grad()
+def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
+                        cache: CalibrationCache | None = None, gram: bool = True,
+                        progress: Callable[[int, int, str], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> CalibrationCache:
+    """Input statistics of every linear in `config`'s scope, measured on the (dense) model as it
+    is: one forward per block, whose output is the next block's input. Nothing is pruned.
+    `gram=True` collects X^T X too, which serves every method (and the error report)."""
+    pattern = config.validate()
+    layout = describe(model)
+    cache = cache if cache is not None else CalibrationCache()
+    was_training = model.training
+    model.eval()
+    inputs, kwargs, _ = _block0_inputs(model, layout, config, calibration, tokenizer, cache)
+    collected: dict[str, InputStats] = {}
+    try:
+        for block in layout.blocks:
+            if should_stop is not None and should_stop():
+                raise PruneCancelled(f"stopped before block {block.index} while collecting statistics")
+            device_before = next(block.module.parameters()).device
+            block.module.to(config.device)
+            stats, detach = _attach_stats(_linears_in_scope(block, config, pattern), gram=gram,
+                                          device=config.device)
+            try:
+                inputs = _run_block(block.module, inputs, kwargs, config.device)
+            finally:
+                detach()
+            block.module.to(device_before)
+            collected.update(stats)
+            if progress is not None:
+                progress(block.index + 1, layout.num_blocks, f"statistics {block.index + 1}/"
+                         f"{layout.num_blocks}")
+    finally:
+        model.train(was_training)
+    cache.dense_stats, cache.gram = collected, gram
+    return cache
+
+
+def _structured_plan(model: nn.Module, layout: ModelLayout, config: PruneConfig,
+                     pattern: Pattern, calibration, tokenizer) -> StructuredPlan:
+    """Channel/head choices (for retrain-free: the Fisher pre-pass over the full model); blocks
+    with a linear matched by `exclude` stay dense."""
+    ids = None
+    if config.method == "retrain-free":
+        ids, _ = _calibration_ids(config, calibration, tokenizer)
+    skip = set()
+    if config.exclude:
+        from workbench.structured import model_geometry
+
+        for geometry in model_geometry(layout, pattern.kind):
+            if any(re.search(config.exclude, lin.full_name) for lin in geometry.linears()):
+                skip.add(geometry.block)
+    return plan_structured(model, layout, pattern.kind, config.method, config.sparsity, ids,
+                           allocation=config.allocation, block_sparsity=config.block_sparsity,
+                           mask_tuning=config.mask_tuning, percdamp=config.percdamp,
+                           batch_size=config.batch_size, skip_blocks=skip)
+
+
 def _block_target(config: PruneConfig, index: int) -> float:
     if config.block_sparsity is not None:
         return config.block_sparsity[index]
@@ -240,12 +351,15 @@ def _block_target(config: PruneConfig, index: int) -> float:
 
 def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
           progress: Callable[[int, int, str], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> PruneResult:
+          should_stop: Callable[[], bool] | None = None,
+          cache: CalibrationCache | None = None) -> PruneResult:
     """Prune `model` in place as `config` says and return what was done.
 
     `calibration`: token ids (nsamples, seqlen), a `workbench.data.CalibrationData`, or None to
     load `config.calibration` with `tokenizer`. `progress(done, total, message)` is called after
     each block; `should_stop()` is polled between blocks and raises PruneCancelled.
+    `cache` (a `CalibrationCache`) reuses block 0's inputs across calls, and when it holds dense
+    statistics (`collect_dense_stats`) uses them instead of re-running the blocks.
     """
     pattern = config.validate()
     layout = describe(model)
@@ -257,20 +371,44 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
         raise ValueError(f"nothing to prune: scope {config.scope!r} with exclude "
                          f"{config.exclude!r} selects no linear layer")
 
-    method = METHODS[config.method]
-    needed = STATS_NEEDED[config.method]
+    method = METHODS.get(config.method)
+    needed = STATS_NEEDED.get(config.method)
+    start_time = time.perf_counter()
+    plan = None
+    if pattern.structured:
+        if config.method == "retrain-free" and calibration is None:
+            from workbench.data import load_calibration
+
+            if tokenizer is None:
+                raise ValueError("pass a tokenizer (or calibration token ids) so calibration text "
+                                 "can be tokenized")
+            calibration = load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
+                                           seqlen=config.seqlen, seed=config.seed)
+        plan = _structured_plan(model, layout, config, pattern, calibration, tokenizer)
+        scoped = [plan.block_linears(block.index) for block in layout.blocks]
+        needed = plan.needs_stats()
     uses_data = needed is not None or config.record_error
     gram = needed == "gram" or config.record_error
     device = config.device
-    start_time = time.perf_counter()
 
     was_training = model.training
     model.eval()
     inputs = kwargs = None
     calib_info: dict = {}
-    if uses_data:
-        ids, calib_info = _calibration_ids(config, calibration, tokenizer)
-        inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size)
+    dense_stats = cache.dense_stats if cache is not None and uses_data else None
+    if dense_stats is not None:
+        if gram and not cache.gram:
+            raise ValueError(f"{config.method} (or record_error) needs X^T X, but the cached dense "
+                             "statistics were collected without it: collect them with gram=True")
+        missing = [lin.full_name for linears in scoped for lin in linears
+                   if lin.full_name not in dense_stats]
+        if missing:
+            raise ValueError(f"the cached dense statistics do not cover {missing[0]} (and "
+                             f"{len(missing) - 1} more): collect them with this config's scope")
+        calib_info = dict(cache.info)
+    elif uses_data:
+        inputs, kwargs, calib_info = _block0_inputs(model, layout, config, calibration, tokenizer,
+                                                    cache)
 
     masks: dict[str, torch.Tensor] = {}
     errors, timings = [], []
@@ -284,7 +422,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
             block.module.to(device)
             t0 = time.perf_counter()
             stats: dict[str, InputStats] = {}
-            if uses_data and linears:
+            if dense_stats is not None:
+                stats = {lin.full_name: dense_stats[lin.full_name] for lin in linears}
+            elif uses_data and linears:
                 stats, detach = _attach_stats(linears, gram=gram, device=device)
                 try:
                     with torch.no_grad():
@@ -293,20 +433,26 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                     detach()
             t1 = time.perf_counter()
             target = _block_target(config, block.index)
-            for lin in linears:
+            if plan is not None:
+                decided = plan.solve_block(block.index, stats, target) if linears else []
+            else:
+                decided = []
+                for lin in linears:
+                    dense = weight_of(lin.module).to(torch.float32, copy=True).contiguous()
+                    new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
+                                              blocksize=config.blocksize, percdamp=config.percdamp)
+                    decided.append((lin, dense, new_weight, keep))
+            for lin, dense, new_weight, keep in decided:
                 weight = weight_of(lin.module)
-                dense = weight.to(torch.float32, copy=True).contiguous()
-                new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
-                                          blocksize=config.blocksize, percdamp=config.percdamp)
                 new_weight = new_weight * keep  # the mask is the contract, whatever the method did
                 error = stats[lin.full_name].relative_error(dense, new_weight) \
-                    if lin.full_name in stats else float("nan")
+                    if config.record_error and lin.full_name in stats else float("nan")
                 weight.copy_(new_weight.to(weight.dtype))
                 masks[lin.full_name] = keep.cpu()
                 errors.append({"block": block.index, "name": lin.full_name, "kind": lin.kind,
                                "group": lin.group, "error": error})
             t2 = time.perf_counter()
-            if uses_data and block.index + 1 < layout.num_blocks:
+            if uses_data and dense_stats is None and block.index + 1 < layout.num_blocks:
                 with torch.no_grad():
                     inputs = _run_block(block.module, inputs, kwargs, device)
             t3 = time.perf_counter()
@@ -333,4 +479,5 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
         timings=pd.DataFrame(timings, columns=["block", "stats_s", "solve_s", "rerun_s"]),
         seconds=time.perf_counter() - start_time,
         calibration=calib_info,
+        structure=plan.structure() if plan is not None else None,
     )

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import torch
 
 from workbench.patterns import Pattern, PatternError, nm_mask, unstructured_mask
@@ -18,6 +20,21 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.T
     raise RuntimeError("SparseGPT: the layer's Hessian stays singular even with heavy dampening")
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop issues thousands of tiny ops; on CPU, splitting each across threads costs
+    more in synchronisation than it saves (10x slower on a busy 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float,
               blocksize: int = 128, percdamp: float = 0.01,
               **_) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,41 +44,44 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float,
     """
     if pattern.kind not in ("unstructured", "nm"):
         raise PatternError(f"SparseGPT prunes element-wise patterns, not {pattern}")
-    W = weight.clone().float()
-    H = stats.hessian().to(W.device).clone()
+    H = stats.hessian().to(weight.device).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     Hinv = _inverse_hessian_cholesky(H, percdamp)
+    # W^T, so that a column of W is a contiguous row and its rank-1 update one BLAS call.
+    Wt = weight.t().float().contiguous()
+    Wt[dead] = 0.0
 
-    rows, cols = W.shape
+    cols = Wt.shape[0]
     if pattern.kind == "nm":  # an N:M group must never straddle two lazy blocks
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    keep = torch.ones_like(W, dtype=torch.bool)
+    keep_t = torch.ones_like(Wt, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        W_block = W[:, start:end].clone()
+        block = Wt[start:end]  # a view: updated in place
         Hinv_block = Hinv[start:end, start:end]
         diag = torch.diagonal(Hinv_block)
-        errors = torch.zeros_like(W_block)
+        errors = torch.empty_like(block)
         if pattern.kind == "unstructured":
             # The mask for the whole lazy block is chosen up front from the OBS saliency.
-            block_keep = unstructured_mask(W_block**2 / diag**2, sparsity)
+            block_keep = unstructured_mask(block**2 / diag.unsqueeze(1) ** 2, sparsity)
         else:
-            block_keep = torch.ones_like(W_block, dtype=torch.bool)
-        for i in range(end - start):
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                saliency = W_block[:, group] ** 2 / diag[group] ** 2
-                block_keep[:, group] = nm_mask(saliency, pattern.n, pattern.m)
-            column = W_block[:, i]
-            pruned = torch.where(block_keep[:, i], column, torch.zeros_like(column))
-            error = (column - pruned) / diag[i]
-            W_block[:, i:] -= error.unsqueeze(1) * Hinv_block[i, i:].unsqueeze(0)
-            W_block[:, i] = pruned
-            errors[:, i] = error
-        W[:, start:end] = W_block
-        keep[:, start:end] = block_keep
-        W[:, end:] -= errors @ Hinv[start:end, end:]
-    W[~keep] = 0.0
-    return W, keep
+            block_keep = torch.ones_like(block, dtype=torch.bool)
+        drop = ~block_keep
+        with _one_cpu_thread(Wt.device):
+            for i in range(end - start):
+                if pattern.kind == "nm" and i % pattern.m == 0:
+                    group = slice(i, i + pattern.m)
+                    saliency = (block[group] ** 2 / diag[group].unsqueeze(1) ** 2).t()
+                    block_keep[group] = nm_mask(saliency, pattern.n, pattern.m).t()
+                    torch.logical_not(block_keep[group], out=drop[group])
+                column, error = block[i], errors[i]
+                torch.mul(column, drop[i], out=error)  # the removed part of the column
+                error.div_(diag[i])
+                column.masked_fill_(drop[i], 0.0)
+                block[i + 1:].addr_(Hinv_block[i, i + 1:], error, alpha=-1.0)
+        keep_t[start:end] = block_keep
+        if end < cols:
+            Wt[end:].addmm_(Hinv[start:end, end:].t(), errors, alpha=-1.0)
+    Wt[~keep_t] = 0.0
+    return Wt.t().contiguous(), keep_t.t().contiguous()

@@ -1,0 +1,15 @@
+"""Entry point of the Gradio app (a Hugging Face Space runs this file): `python app.py`.
+
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens; WORKBENCH_CONCURRENCY how many
+heavy jobs run at once. Models load only when a user asks, so the app starts in seconds.
+"""
+
+import logging
+
+from workbench.ui.gradio_app import build_app, launch
+
+demo = build_app()
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    launch(demo)

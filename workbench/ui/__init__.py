@@ -1,0 +1,1 @@
+"""User interfaces over the core: the Gradio app (`gradio_app`) and notebook widgets (`widgets`)."""

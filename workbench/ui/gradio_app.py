@@ -1,0 +1,507 @@
+"""The browser face of the workbench: load a model, prune it, sweep, compare, export.
+
+Every callback is a thin layer over `workbench.workflow`; the per-browser state is a
+`workflow.Session` held in `gr.State`, so one visitor's model never reaches another's.
+Long work goes through Gradio's queue under one shared concurrency limit
+(`WORKBENCH_CONCURRENCY`, default 1): a small machine holds one model's work at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from workbench import workflow
+from workbench.prune import PruneCancelled
+
+log = logging.getLogger(__name__)
+
+SOURCE_CHOICES = ["bundled default", "hub id", "local folder or .gguf path", "upload .gguf"]
+PATTERNS = ["unstructured", "2:4", "4:8", "channel", "head"]
+SCOPES = ["all", "mlp", "attention"]
+CALIBRATION_SOURCES = ["wikitext2", "pile10k", "c4", "lambada"]
+EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2"]
+EXPORT_FORMATS = ["masked", "compact", "slimmed"]
+WORK = "work"  # the concurrency group every heavy event shares
+
+INTRO = """# Prune workbench
+Retrain-free pruning of causal language models: load a model, choose a method and a sparsity
+pattern, prune with a small calibration set, and see what it costs in accuracy. Start in
+**Model**, then **Prune**.
+"""
+
+
+def concurrency() -> int:
+    return max(1, int(os.environ.get("WORKBENCH_CONCURRENCY", "1")))
+
+
+def exports_root() -> Path:
+    return Path(os.environ.get("WORKBENCH_EXPORTS") or Path(tempfile.gettempdir()) / "prune-workbench-exports")
+
+
+def runs_root() -> Path:
+    from workbench.runs import default_root
+
+    return default_root()
+
+
+def sweep_methods_available() -> list[str]:
+    from workbench.methods import METHODS
+
+    return list(METHODS)
+
+
+def export_formats() -> list[str]:
+    try:
+        from workbench import export
+
+        return list(getattr(export, "FORMATS", EXPORT_FORMATS))
+    except ImportError:
+        return EXPORT_FORMATS
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _reporter(progress: gr.Progress):
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+@contextmanager
+def _job(session: workflow.Session, what: str):
+    """One job per session at a time; user errors become a clear message, never a trace."""
+    if session.busy:
+        raise gr.Error(f"{session.busy[0].upper()}{session.busy[1:]} is still running in this tab: wait for it "
+                       "or press Cancel.", print_exception=False)
+    session.stop_requested = False
+    session.busy = what
+    try:
+        yield
+    except gr.Error:
+        raise
+    except ValueError as error:  # SettingsError, PatternError, ModelLoadError: meant for the user
+        raise gr.Error(str(error), print_exception=False) from None
+    except FileNotFoundError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise gr.Error(f"out of memory while {what}: try a smaller model, fewer calibration samples "
+                       "or a shorter sequence length") from None
+    except Exception as error:
+        log.exception("%s failed", what)
+        raise gr.Error(f"{what} failed: {type(error).__name__}: {error}") from None
+    finally:
+        session.busy = ""
+
+
+def _source(choice: str, text: str | None, upload) -> str:
+    if choice == "bundled default":
+        return "default"
+    if choice == "upload .gguf":
+        if not upload:
+            raise gr.Error("upload a .gguf file first (or pick another source)")
+        return str(getattr(upload, "name", upload))
+    if not (text or "").strip():
+        raise gr.Error("type a hub id such as HuggingFaceTB/SmolLM2-135M" if choice == "hub id"
+                       else "type the path of a save_pretrained folder or a .gguf file")
+    return text.strip()
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return str(count)
+
+
+def info_table(info: dict) -> pd.DataFrame:
+    rows = [
+        ("architecture", info.get("class")),
+        ("family", info.get("family")),
+        ("parameters", f"{_human(int(info.get('params', 0)))} ({info.get('params', 0):,})"),
+        ("decoder blocks", info.get("blocks")),
+        ("hidden size", info.get("hidden_size")),
+        ("MLP size", info.get("intermediate_size")),
+        ("attention heads / KV heads", f"{info.get('heads')} / {info.get('kv_heads')}"),
+        ("head dim", info.get("head_dim")),
+        ("prunable linears per block", ", ".join(info.get("prunable_linears_per_block", []) or [])
+         or info.get("prunable", "-")),
+        ("dtype", info.get("dtype")),
+        ("loaded from", f"{info.get('kind')}: {info.get('resolved')}"),
+        ("load time (s)", info.get("load_s")),
+    ]
+    return pd.DataFrame([(k, "" if v is None else str(v)) for k, v in rows], columns=["property", "value"])
+
+
+def _model_line(session: workflow.Session) -> str:
+    if session.loaded is None:
+        return "*No model loaded yet: load one in the **Model** tab.*"
+    info = session.info
+    state = "pruned" if session.is_pruned else "dense"
+    return (f"**Model:** {info.get('class')} from {info.get('kind')} `{info.get('resolved')}`, "
+            f"{_human(int(info.get('params', 0)))} parameters, {info.get('blocks')} blocks ({state})")
+
+
+def _image(figure):
+    """A figure as a PIL image, rendered under the process-wide matplotlib lock."""
+    if figure is None:
+        return None
+    from PIL import Image
+
+    from workbench.plots import png_bytes
+
+    return Image.open(io.BytesIO(png_bytes(figure)))
+
+
+def card_preview(text: str) -> str:
+    """The model card without its YAML front matter and without images that live beside it."""
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end != -1:
+            text = text[end + 4:].lstrip()
+    return re.sub(r"!\[([^\]]*)\]\((?!https?:)[^)]*\)", r"*(\1: in the download)*", text)
+
+
+# --- callbacks --------------------------------------------------------------------------------
+
+
+def new_session() -> workflow.Session:
+    """A fresh, empty session for each browser tab (and each API client)."""
+    return workflow.Session()
+
+
+def on_source_kind(choice: str):
+    hint = "HuggingFaceTB/SmolLM2-135M" if choice == "hub id" else "/path/to/folder or model.gguf"
+    return (gr.update(visible=choice in ("hub id", "local folder or .gguf path"), placeholder=hint),
+            gr.update(visible=choice == "upload .gguf"))
+
+
+def load_model(session: workflow.Session, choice: str, text: str | None, upload, dtype: str,
+               progress=gr.Progress()):
+    source = _source(choice, text, upload)
+    with _job(session, "loading"):
+        info = workflow.load(session, source, dtype, _reporter(progress))
+    status = f"Loaded in {info.get('load_s')} s."
+    return status, info_table(info), _model_line(session)
+
+
+def on_pattern(pattern: str, method: str):
+    """N:M fixes the sparsity; channel/head are the structured pipeline and its scope."""
+    structured = pattern in ("channel", "head")
+    nm = ":" in str(pattern)
+    methods = workflow.available_methods()
+    method_update = gr.update()
+    if structured and "retrain-free" in methods:
+        method_update = gr.update(value="retrain-free")
+    elif not structured and method == "retrain-free":
+        method_update = gr.update(value="sparsegpt")
+    scope = {"channel": "mlp", "head": "attention"}.get(pattern, "all")
+    sparsity_update = gr.update(interactive=not nm, label="target sparsity (fixed by N:M)" if nm
+                                else "target sparsity")
+    return method_update, gr.update(value=scope), sparsity_update
+
+
+def _settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen) -> dict:
+    return {"method": method, "pattern": pattern, "sparsity": sparsity, "scope": scope,
+            "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen}
+
+
+def _limit(value) -> int | None:
+    return None if value in (None, "", 0) else value
+
+
+def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: float, scope: str,
+              calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
+              progress=gr.Progress()):
+    """Prune the dense model; returns status, summary table, figures, timings, layer choices."""
+    problems = workflow.validate_settings(
+        settings=_settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen),
+        eval_tasks=tasks, limit=_limit(limit))
+    if problems:
+        raise gr.Error(" ".join(problems), print_exception=False)
+    with _job(session, "pruning"):
+        try:
+            outcome = workflow.run_prune(session, _settings(method, pattern, sparsity, scope, calibration,
+                                                            nsamples, seqlen),
+                                         tasks, _limit(limit), _reporter(progress))
+        except PruneCancelled:
+            status = "Cancelled. The model is dense again (a partly pruned model is not kept)."
+            return status, None, None, None, None, None, gr.update(choices=[], value=None), _model_line(session)
+        try:
+            run_path = workflow.record_run(session, outcome, runs_root())
+            saved = f" Saved as run `{Path(run_path).name}`."
+        except Exception as error:  # the result is on screen; a full disk must not hide it
+            log.warning("could not record the run: %s", error)
+            saved = f" (Not saved to the run store: {error})"
+    summary = outcome.result.summary
+    status = (f"Pruned with {method} {pattern} in {outcome.timings.get('prune_s')} s: "
+              f"{summary['mlp']:.2%} of MLP weights, {summary['attention']:.2%} of attention weights, "
+              f"{summary['matmul']:.2%} of all matmul weights are zero (counted from the weights)." + saved)
+    layers = list(outcome.result.masks)
+    return (status, outcome.table, _image(outcome.figures["heatmap"]), _image(outcome.figures["mask_zoom"]),
+            _image(outcome.figures["error_heatmap"]), workflow.timings_table(outcome),
+            gr.update(choices=layers, value=outcome.zoom_layer), _model_line(session))
+
+
+def zoom(session: workflow.Session, layer: str | None):
+    if not layer or not session.is_pruned or layer not in session.result.masks:
+        return None
+    from workbench.plots import mask_zoom
+
+    return _image(mask_zoom(session.result.masks[layer]))
+
+
+def cancel(session: workflow.Session) -> str:
+    if not session.busy:
+        return "Nothing is running."
+    session.request_stop()
+    return f"Stopping {session.busy} after the current block ..."
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise gr.Error(f"sparsities must be numbers separated by commas, e.g. 0.3, 0.5, 0.7 (got {text!r})",
+                       print_exception=False) from None
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad:
+        raise gr.Error(f"sparsities must lie in [0, 1): {bad} do not", print_exception=False)
+    return values
+
+
+def _curve(table: pd.DataFrame):
+    try:
+        from workbench.plots import accuracy_curve
+
+        return _image(accuracy_curve(table))
+    except (ImportError, ValueError, KeyError):
+        return None
+
+
+def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_patterns: list[str],
+              mode: str, scope: str, calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
+              progress=gr.Progress()) -> Iterator:
+    """Stream the sweep: status, table and curve after every finished point."""
+    values = _floats(sparsities)
+    if not values and not nm_patterns:
+        raise gr.Error("give sparsities (e.g. 0.3, 0.5) or tick an N:M pattern", print_exception=False)
+    problems = workflow.validate_settings(eval_tasks=tasks, limit=_limit(limit))
+    if problems:
+        raise gr.Error(" ".join(problems), print_exception=False)
+    total = len(methods) * (len(values) + len(nm_patterns)) + 1
+    run_dir = runs_root() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-sweep-{uuid.uuid4().hex[:6]}"
+    table = None
+    with _job(session, "the sweep"):
+        for table in workflow.iter_sweep(session, methods, values, nm_patterns, tasks, _limit(limit),
+                                         run_dir=run_dir, progress=_reporter(progress), mode=mode, scope=scope,
+                                         calibration=calibration, nsamples=nsamples, seqlen=seqlen):
+            yield f"{len(table)} of {total} points done (the dense model first) ...", table, _curve(table), \
+                _model_line(session)
+    done = f"Sweep stopped after {len(table)} of {total} points" if len(table) < total \
+        else f"Sweep finished: {len(table)} points"
+    yield f"{done}; saved as run `{run_dir.name}`.", table, _curve(table), _model_line(session)
+
+
+def generate(session: workflow.Session, prompt: str, max_new_tokens: int):
+    with _job(session, "generating"):
+        dense, pruned = workflow.generate(session, prompt, max_new_tokens)
+    return dense, pruned if pruned is not None else "(nothing pruned yet: run Prune first)"
+
+
+def list_runs():
+    table = workflow.runs_table(runs_root())
+    names = list(table["name"]) if "name" in table else []
+    shown = table.drop(columns=[c for c in ("path", "updated") if c in table]) if not table.empty else table
+    return shown, gr.update(choices=names, value=names[:2])
+
+
+def compare_runs(names: list[str]):
+    if not names:
+        raise gr.Error("tick one or more runs to compare", print_exception=False)
+    from workbench.runs import compare_runs as compare
+
+    root = runs_root()
+    missing = [n for n in names if not (root / n).is_dir()]
+    if missing:
+        raise gr.Error(f"no such run(s) in {root}: {missing}; press Refresh", print_exception=False)
+    try:
+        return compare([root / n for n in names])
+    except ValueError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+
+
+def export(session: workflow.Session, formats: list[str], name: str, overwrite: bool,
+           progress=gr.Progress()):
+    with _job(session, "exporting"):
+        progress(0.1, desc="Writing the model ...")
+        exported = workflow.export(session, exports_root() / session.id, name, formats, overwrite=overwrite,
+                                   progress=_reporter(progress))
+    sizes = getattr(exported, "sizes", {}) or {}
+    size_table = pd.DataFrame([(k, f"{v / 1e6:.1f} MB" if isinstance(v, (int, float)) else str(v))
+                               for k, v in sizes.items()], columns=["file or format", "size"])
+    card = card_preview(workflow.model_card(exported)) or "*No model card was written.*"
+    zip_path = str(exported.zip_path) if getattr(exported, "zip_path", None) else None
+    return f"Exported to `{exported.path}`.", zip_path, card, size_table
+
+
+def _figure_box(label: str, elem_id: str) -> gr.Image:
+    # The figures carry their own titles; a label box would cover them.
+    return gr.Image(label=label, show_label=False, type="pil", format="png", interactive=False,
+                    elem_id=elem_id, buttons=["download", "fullscreen"])
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def build_app() -> gr.Blocks:
+    """The Blocks; nothing heavy happens until a user loads a model."""
+    methods = workflow.available_methods()
+    with gr.Blocks(title="Prune workbench") as demo:
+        session = gr.State(new_session, delete_callback=workflow.free)
+        gr.Markdown(INTRO)
+        model_line = gr.Markdown(_model_line(workflow.Session()), elem_id="model-line")
+
+        with gr.Tab("Model", id="model"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    source_kind = gr.Radio(SOURCE_CHOICES, value="bundled default", label="model source")
+                    source_text = gr.Textbox(label="hub id, folder or .gguf path", visible=False,
+                                             elem_id="source-text")
+                    upload = gr.File(label=".gguf file", file_types=[".gguf"], visible=False)
+                    dtype = gr.Dropdown(["fp32", "bf16", "fp16"], value="fp32", label="dtype")
+                    load_button = gr.Button("Load model", variant="primary", elem_id="load-button")
+                    load_status = gr.Markdown(elem_id="load-status")
+                with gr.Column(scale=3):
+                    info = gr.Dataframe(headers=["property", "value"], label="model", interactive=False,
+                                        elem_id="model-info")
+            source_kind.change(on_source_kind, source_kind, [source_text, upload], api_visibility="private")
+            load_button.click(load_model, [session, source_kind, source_text, upload, dtype],
+                              [load_status, info, model_line], api_name="load", concurrency_id=WORK)
+
+        with gr.Tab("Prune", id="prune"):
+            with gr.Row():
+                method = gr.Dropdown(methods, value="sparsegpt", label="method")
+                pattern = gr.Dropdown(PATTERNS, value="2:4", label="pattern", allow_custom_value=True,
+                                      info="unstructured, N:M (e.g. 2:4, 4:8), channel or head")
+                sparsity = gr.Slider(0.0, 0.95, value=0.5, step=0.05, label="target sparsity (fixed by N:M)",
+                                     interactive=False)
+                scope = gr.Radio(SCOPES, value="all", label="scope")
+            with gr.Row():
+                calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
+                                          label="calibration data", info="a name, or a .txt/.jsonl path")
+                nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
+                                     label="calibration samples")
+                seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample")
+                tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
+                limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
+                                  info="LAMBADA passages / WikiText-2 windows")
+            with gr.Row():
+                prune_button = gr.Button("Run", variant="primary", elem_id="prune-button")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="prune-cancel")
+            prune_status = gr.Markdown(elem_id="prune-status")
+            summary = gr.Dataframe(label="dense vs sparse", interactive=False, wrap=True, elem_id="summary")
+            with gr.Row():
+                heatmap = _figure_box("sparsity per block and module (counted)", "heatmap")
+                with gr.Column():
+                    layer = gr.Dropdown([], label="mask of layer", elem_id="zoom-layer")
+                    mask_plot = _figure_box("mask zoom", "mask-zoom")
+            with gr.Row():
+                error_plot = _figure_box("relative output error per layer", "error-heatmap")
+                timings = gr.Dataframe(label="timings (s)", interactive=False, elem_id="timings")
+            pattern.change(on_pattern, [pattern, method], [method, scope, sparsity], api_visibility="private")
+            prune_button.click(
+                run_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit],
+                [prune_status, summary, heatmap, mask_plot, error_plot, timings, layer, model_line],
+                api_name="prune", concurrency_id=WORK)
+            layer.change(zoom, [session, layer], mask_plot, api_name="zoom", concurrency_limit=None)
+            cancel_button.click(cancel, session, prune_status, api_name="cancel", queue=False)
+
+        with gr.Tab("Sweep", id="sweep"):
+            with gr.Row():
+                sweep_methods = gr.CheckboxGroup(sweep_methods_available(), value=["magnitude", "wanda"],
+                                                 label="methods")
+                sweep_sparsities = gr.Textbox("0.3, 0.5", label="unstructured sparsities",
+                                              info="comma-separated, in [0, 1)")
+                sweep_nm = gr.CheckboxGroup(["2:4", "4:8"], value=[], label="N:M points")
+                sweep_mode = gr.Radio(["exact", "fast"], value="exact", label="mode",
+                                      info="fast: dense statistics once, reused for every point")
+                sweep_scope = gr.Radio(SCOPES, value="all", label="scope")
+            with gr.Row():
+                sweep_calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
+                                                label="calibration data")
+                sweep_nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
+                                           label="calibration samples")
+                sweep_seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample")
+                sweep_tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
+                sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size")
+            with gr.Row():
+                sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
+                sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+            sweep_status = gr.Markdown(elem_id="sweep-status")
+            curve = _figure_box("accuracy vs sparsity", "curve")
+            sweep_table = gr.Dataframe(label="points", interactive=False, elem_id="sweep-table")
+            sweep_button.click(
+                run_sweep, [session, sweep_methods, sweep_sparsities, sweep_nm, sweep_mode, sweep_scope,
+                            sweep_calibration, sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit],
+                [sweep_status, sweep_table, curve, model_line], api_name="sweep", concurrency_id=WORK)
+            sweep_cancel.click(cancel, session, sweep_status, api_name="cancel_sweep", queue=False)
+
+        with gr.Tab("Compare", id="compare"):
+            with gr.Row():
+                prompt = gr.Textbox("The capital of France is", label="prompt", lines=2, scale=4)
+                max_new = gr.Slider(1, 128, value=32, step=1, label="new tokens", scale=1)
+            generate_button = gr.Button("Generate with both", variant="primary", elem_id="generate-button")
+            with gr.Row():
+                dense_text = gr.Textbox(label="dense", lines=5, interactive=False, elem_id="dense-text")
+                pruned_text = gr.Textbox(label="pruned", lines=5, interactive=False, elem_id="pruned-text")
+            generate_button.click(generate, [session, prompt, max_new], [dense_text, pruned_text],
+                                  api_name="generate", concurrency_id=WORK)
+            gr.Markdown("### Runs in the store")
+            refresh = gr.Button("Refresh")
+            runs = gr.Dataframe(label="runs", interactive=False, elem_id="runs")
+            chosen = gr.CheckboxGroup([], label="runs to compare")
+            compare_button = gr.Button("Compare runs")
+            compared = gr.Dataframe(label="side by side", interactive=False, elem_id="compared")
+            refresh.click(list_runs, None, [runs, chosen], api_name="runs", concurrency_limit=None)
+            compare_button.click(compare_runs, chosen, compared, api_name="compare_runs", concurrency_limit=None)
+
+        with gr.Tab("Export", id="export"):
+            with gr.Row():
+                formats = gr.CheckboxGroup(export_formats(), value=["masked"], label="formats")
+                export_name = gr.Textbox(label="name", placeholder="derived from model, method and pattern")
+                overwrite = gr.Checkbox(False, label="overwrite an existing export")
+            export_button = gr.Button("Export", variant="primary", elem_id="export-button")
+            export_status = gr.Markdown(elem_id="export-status")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    download = gr.File(label="download (zip)", elem_id="download")
+                    sizes = gr.Dataframe(label="sizes", interactive=False)
+                with gr.Column(scale=2):
+                    card = gr.Markdown(label="model card", elem_id="model-card")
+            export_button.click(export, [session, formats, export_name, overwrite],
+                                [export_status, download, card, sizes], api_name="export", concurrency_id=WORK)
+    demo.queue(default_concurrency_limit=concurrency())
+    return demo
+
+
+def launch(demo: gr.Blocks | None = None, **kwargs):
+    """Start the server; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens."""
+    demo = demo or build_app()
+    kwargs.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    kwargs.setdefault("server_port", int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    kwargs.setdefault("allowed_paths", [str(exports_root())])
+    kwargs.setdefault("theme", gr.themes.Soft())
+    kwargs.setdefault("footer_links", ["api", "gradio"])
+    return demo.launch(**kwargs)
