@@ -151,7 +151,7 @@ def test_compare_table():
 def test_bundled_last_word_matches_hand_computation(bundled, data_dir):
     from workbench.data import load_lambada
 
-    texts = load_lambada(data_dir, limit=12)
+    texts = load_lambada(data_dir, limit=6)
     _check_against_hand(bundled.model, bundled.tokenizer, texts)
 
 

@@ -73,6 +73,7 @@ def test_run_click_prunes_and_shows_figures_and_table(tiny_folder):
     wb.zoom_layer.value = wb.zoom_layer.options[-1]
     assert is_png(wb.zoom) and wb.zoom.value != before
     assert "Pruned with wanda 2:4" in wb.message.value
+    assert "LlamaForCausalLM" in wb.model_status.value and "2 blocks" in wb.model_status.value
     assert "pruned: wanda 2:4" in repr(wb)
 
 

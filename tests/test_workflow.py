@@ -216,9 +216,10 @@ def test_structured_channel_pruning_goes_through_the_same_run(session):
                                            "scope": "mlp", **SMALL})
     assert outcome.result.summary["mlp"] == pytest.approx(0.25, abs=0.01)
     assert set(outcome.table["Sparsity pattern"]) == {"channelx1"}
-    up = next(mask for name, mask in outcome.result.masks.items() if name.endswith("up_proj"))
-    rows_kept = up.all(dim=1)
-    assert bool((rows_kept | ~up.any(dim=1)).all())  # whole rows go: channels, not elements
-    assert float((~rows_kept).float().mean()) == pytest.approx(0.25)
+    ups = [mask for name, mask in outcome.result.masks.items() if name.endswith("up_proj")]
+    for up in ups:  # whole rows go: channels, not elements
+        assert bool((up.all(dim=1) | ~up.any(dim=1)).all())
+    removed = sum(int((~up.any(dim=1)).sum()) for up in ups) / sum(up.shape[0] for up in ups)
+    assert removed == pytest.approx(0.25, abs=0.01)  # blocks may differ, the total is the target
     after = workflow.run_prune(session, {"method": "magnitude", "pattern": "2:4", **SMALL})
     assert after.result.summary["blocks"] == pytest.approx(0.5, abs=1e-6)  # from dense, not on top

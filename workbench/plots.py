@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from workbench.sparsity import by_block_and_kind
 
@@ -164,7 +164,9 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
             ax.set_yscale("log")
             plain = FuncFormatter(lambda value, _pos: f"{value:g}")
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            low, high = ax.get_ylim()
+            # minor labels only help inside one decade; across several they pile up
+            ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-12) < 10 else NullFormatter())
         ax.set_xlabel("measured sparsity" + (" (decoder blocks)" if x == "sparsity_blocks" else ""))
         ax.set_ylabel(metric)
         ax.set_title(metric)

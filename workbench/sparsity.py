@@ -18,8 +18,12 @@ TABLE_COLUMNS = ["block", "name", "kind", "role", "group", "rows", "cols", "nume
                  "sparsity"]
 
 
+def count_zeros(tensor: torch.Tensor) -> int:
+    return tensor.numel() - int(torch.count_nonzero(tensor))
+
+
 def _zeros_and_numel(weight: torch.Tensor, reference_shape: tuple[int, int] | None) -> tuple[int, int]:
-    zeros = int((weight == 0).sum())
+    zeros = count_zeros(weight)
     numel = weight.numel()
     if reference_shape is not None:
         dense_numel = int(reference_shape[0]) * int(reference_shape[1])
@@ -71,6 +75,7 @@ def sparsity_summary(model: nn.Module, layout: ModelLayout | None = None,
 
     # Every matmul weight outside the block linears (the LM head, extra projections), once each.
     seen = {weight_of(lin.module).data_ptr() for b in layout.blocks for lin in b.linears}
+    block_ptrs = set(seen)
     extra_zeros = extra_numel = 0
     for name, module in model.named_modules():
         if is_linear(module) and weight_of(module).data_ptr() not in seen:
@@ -81,16 +86,20 @@ def sparsity_summary(model: nn.Module, layout: ModelLayout | None = None,
     block_zeros, block_numel = int(table["zeros"].sum()), int(table["numel"].sum())
     matmul_numel = block_numel + extra_numel
 
-    param_zeros = param_numel = 0
-    seen_params = set()
+    # Block linears were counted for the table already; count every other parameter once.
+    param_zeros, param_numel = block_zeros, block_numel
+    seen_params = set(block_ptrs)
     for param in model.parameters():
         if param.data_ptr() in seen_params:
             continue
         seen_params.add(param.data_ptr())
-        param_zeros += int((param.data == 0).sum())
+        param_zeros += count_zeros(param.data)
         param_numel += param.numel()
-    removed = int(sum(r[0] * r[1] for r in reference_shapes.values())) - int(sum(
-        weight_of(m).numel() for n, m in model.named_modules() if n in reference_shapes))
+    # Removed elements of block linears are in the table's counts already; add the others'.
+    block_names = {lin.full_name for b in layout.blocks for lin in b.linears}
+    outside = {n: r for n, r in reference_shapes.items() if n not in block_names}
+    removed = int(sum(r[0] * r[1] for r in outside.values())) - int(sum(
+        weight_of(m).numel() for n, m in model.named_modules() if n in outside))
     param_zeros += removed
     param_numel += removed
 

@@ -13,7 +13,9 @@ transformers"), for MLP channels or attention heads, in three steps:
    Fisher sum_s (sum_{i in S} g_si)^2 (units interact), by the paper's greedy swap.
 3. Mask tuning. Inside the layer-wise driver, the kept output columns of down / o are refit by
    least squares so the block output matches the dense one on calibration activations (the
-   driver's Gram matrix). INC's implementation stops before this step; `mask_tuning` toggles it.
+   driver's Gram matrix, ridge toward the dense weights: see `reconstruct_columns`). The paper
+   tunes one scale per kept unit; refitting whole columns uses the same statistics and can
+   recover more. INC's implementation stops before this step; `mask_tuning` toggles it.
 
 Magnitude and Wanda unit scores plug into the same plan as cheap baselines (per-block counts).
 """

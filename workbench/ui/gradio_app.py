@@ -149,7 +149,9 @@ def _model_line(session: workflow.Session) -> str:
         return "*No model loaded yet: load one in the **Model** tab.*"
     info = session.info
     state = "pruned" if session.is_pruned else "dense"
-    return (f"**Model:** {info.get('class')} from {info.get('kind')} `{info.get('resolved')}`, "
+    where = "the bundled SmolLM2-135M-Instruct" if info.get("kind") == "default" \
+        else f"{info.get('kind')} `{info.get('resolved')}`"
+    return (f"**Model:** {info.get('class')} from {where}, "
             f"{_human(int(info.get('params', 0)))} parameters, {info.get('blocks')} blocks ({state})")
 
 
@@ -425,7 +427,8 @@ def build_app() -> gr.Blocks:
                 run_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit],
                 [prune_status, summary, heatmap, mask_plot, error_plot, timings, layer, model_line],
                 api_name="prune", concurrency_id=WORK)
-            layer.change(zoom, [session, layer], mask_plot, api_name="zoom", concurrency_limit=None)
+            # .input, not .change: a prune sets the dropdown and already sends that layer's mask.
+            layer.input(zoom, [session, layer], mask_plot, api_name="zoom", concurrency_limit=None)
             cancel_button.click(cancel, session, prune_status, api_name="cancel", queue=False)
 
         with gr.Tab("Sweep", id="sweep"):

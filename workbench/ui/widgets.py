@@ -140,10 +140,11 @@ class Workbench:
         self.status = W.Label("")
         self.message = W.HTML("")
 
-        self.heatmap = W.Image(format="png")
+        figure_box = W.Layout(max_width="760px")
+        self.heatmap = W.Image(format="png", layout=figure_box)
         self.zoom_layer = W.Dropdown(options=[], description="layer", layout=W.Layout(width="460px"))
-        self.zoom = W.Image(format="png")
-        self.error_heatmap = W.Image(format="png")
+        self.zoom = W.Image(format="png", layout=W.Layout(max_width="480px"))
+        self.error_heatmap = W.Image(format="png", layout=figure_box)
         self.summary = W.HTML("<i>Run a pruning to see the table.</i>")
         self.timings = W.HTML("")
 
@@ -154,7 +155,7 @@ class Workbench:
                                          style=label)
         self.sweep_mode = W.Dropdown(options=["exact", "fast"], value="exact", description="mode", style=label)
         self.sweep_button = W.Button(description="Sweep", button_style="primary", icon="line-chart")
-        self.curve = W.Image(format="png")
+        self.curve = W.Image(format="png", layout=W.Layout(max_width="900px"))
         self.sweep_html = W.HTML("")
 
         self.export_name = W.Text(value="", placeholder="(automatic)", description="name", style=label)
@@ -386,8 +387,10 @@ class Workbench:
     def _load(self, source: str, progress) -> str:
         info = workflow.load(self.session, source, progress=progress)
         self.result = None
-        rows = {k: v for k, v in info.items() if isinstance(v, (str, int, float)) and v is not None}
-        self.model_status.value = table_html(pd.DataFrame([rows]))
+        facts = [info.get("class", ""), f"{info['params'] / 1e6:.1f}M parameters" if "params" in info else "",
+                 f"{info['blocks']} blocks" if "blocks" in info else "", info.get("prunable", "")]
+        name = "bundled SmolLM2-135M-Instruct" if info.get("kind") == "default" else info.get("resolved", source)
+        self.model_status.value = _message("info", f"{name}: " + ", ".join(str(f) for f in facts if f))
         return f"Loaded {info.get('resolved', source)} in {info.get('load_s')} s"
 
     def _run(self, source: str, settings: dict, tasks, limit, progress) -> str:
