@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_gradio_app import folders, free_port  # noqa: F401 - fixtures shared with the API tests
+from test_gradio_app import folders, serve_app  # noqa: F401 - fixtures shared with the API tests
 
 CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -27,24 +27,8 @@ if not Path(CHROMIUM).exists():
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    saved = {k: os.environ.get(k) for k in ("WORKBENCH_RUNS", "WORKBENCH_EXPORTS")}
-    os.environ["WORKBENCH_RUNS"] = str(tmp_path_factory.mktemp("browser-runs"))
-    os.environ["WORKBENCH_EXPORTS"] = str(tmp_path_factory.mktemp("browser-exports"))
-    from workbench.ui.gradio_app import build_app, launch
-
-    demo = build_app()
-    port = free_port()
-    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with serve_app(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

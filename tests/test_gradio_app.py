@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -28,28 +29,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serve_app(tmp_path_factory, **env: str):
     """The app on a free loopback port; runs and exports go to temporary folders."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    saved = {k: os.environ.get(k) for k in ("WORKBENCH_RUNS", "WORKBENCH_EXPORTS", "WORKBENCH_CONCURRENCY")}
-    os.environ["WORKBENCH_RUNS"] = str(tmp_path_factory.mktemp("runs"))
-    os.environ["WORKBENCH_EXPORTS"] = str(tmp_path_factory.mktemp("exports"))
-    os.environ["WORKBENCH_CONCURRENCY"] = "2"
-    from workbench.ui.gradio_app import build_app, launch
-
-    demo = build_app()
-    port = free_port()
-    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    env = {"WORKBENCH_RUNS": str(tmp_path_factory.mktemp("runs")),
+           "WORKBENCH_EXPORTS": str(tmp_path_factory.mktemp("exports")), **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        from workbench.ui.gradio_app import build_app, launch
+
+        demo = build_app()
+        port = free_port()
+        launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
     finally:
-        demo.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve_app(tmp_path_factory, WORKBENCH_CONCURRENCY="2") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

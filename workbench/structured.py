@@ -238,8 +238,11 @@ def reconstruct_columns(weight: torch.Tensor, gram: torch.Tensor, keep_cols: tor
     not cover keep their dense values: with few tokens (rank(G) < |K|) a plain least-squares refit
     would invent weights there. lam is `percdamp` x the mean kept diagonal (as SparseGPT).
     """
-    weight = weight.float()
-    gram = gram.float().to(weight.device)
+    # float64: Gram matrices of real activations are badly conditioned, and fp32 normal
+    # equations lose digits that the refit is meant to recover
+    out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    weight = weight.double()
+    gram = gram.double().to(weight.device)
     kept = torch.nonzero(keep_cols.to(weight.device), as_tuple=False).flatten()
     g_kk = gram[kept][:, kept]
     damp = percdamp * torch.mean(torch.diag(g_kk)).clamp_min(1e-8)
@@ -249,4 +252,4 @@ def reconstruct_columns(weight: torch.Tensor, gram: torch.Tensor, keep_cols: tor
     solved = torch.cholesky_solve(rhs.t(), chol).t()
     new_weight = torch.zeros_like(weight)
     new_weight[:, kept] = solved
-    return new_weight
+    return new_weight.to(out_dtype)
