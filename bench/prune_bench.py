@@ -90,8 +90,10 @@ def sparsegpt_solve_flops(shapes: list[tuple[int, int]], blocksize: int, record_
 
 
 def evaluate_subsets(model, tokenizer, wikitext: str, lambada: list[str], windows: int) -> dict:
-    ppl = perplexity(model, tokenizer, wikitext, seqlen=512, batch_size=8, limit=windows)
-    row = {"wikitext2_ppl": ppl["perplexity"], "wikitext2_windows": ppl["windows"], "eval_s": ppl["seconds"]}
+    row: dict = {"eval_s": 0.0}
+    if windows:  # --windows 0 skips it
+        ppl = perplexity(model, tokenizer, wikitext, seqlen=512, batch_size=8, limit=windows)
+        row.update(wikitext2_ppl=ppl["perplexity"], wikitext2_windows=ppl["windows"], eval_s=ppl["seconds"])
     if lambada:  # --lambada 0 skips it
         lam = lambada_last_word(model, tokenizer, lambada, batch_size=16)
         row.update(lambada_acc=lam["accuracy"], lambada_n=lam["n"], eval_s=row["eval_s"] + lam["seconds"])
@@ -99,13 +101,15 @@ def evaluate_subsets(model, tokenizer, wikitext: str, lambada: list[str], window
 
 
 def run_one(run: str, calibration, wikitext: str, lambada: list[str], model_source: str,
-            record_error: bool, windows: int) -> dict:
+            record_error: bool, windows: int, batch_size: int = 8) -> dict:
     loaded = load_model(model_source)
     model, tokenizer = loaded.model, loaded.tokenizer
-    row: dict = {"run": run, "threads": torch.get_num_threads()}
+    label = run if batch_size == 8 else f"{run} (calibration batch {batch_size})"
+    row: dict = {"run": label, "threads": torch.get_num_threads(), "batch_size": batch_size}
     if run != "dense":
         method, pattern = run.split(":", 1)
-        config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, record_error=record_error)
+        config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, record_error=record_error,
+                             batch_size=batch_size)
         cpu_before = time.process_time()
         with PeakRSS() as rss:
             result = prune(model, config, calibration=calibration)
@@ -182,6 +186,8 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=500, help="first N LAMBADA passages")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     parser.add_argument("--save-calibration", type=Path, default=None)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration windows per block forward (PruneConfig.batch_size)")
     parser.add_argument("--external", action="append", default=[],
                         help="NAME=STATE_DICT.pt pruned elsewhere, evaluated on the same subsets")
     parser.add_argument("--report", type=Path, default=None, help="print the table of a JSONL file and exit")
@@ -212,7 +218,7 @@ def main() -> None:
             row = run_external(run, Path(external), wikitext, lambada, args.model, args.windows)
         else:
             row = run_one(run, calibration, wikitext, lambada, args.model, not args.no_record_error,
-                          args.windows)
+                          args.windows, args.batch_size)
         row["matmul_gflops_rate"] = rate
         row.update(calibration_sha256=calibration.sha256, nsamples=args.nsamples, seqlen=args.seqlen,
                    windows=args.windows, lambada_passages=args.lambada)

@@ -54,9 +54,13 @@ def evaluate_model(model, tokenizer, args) -> dict:
 
 
 def config_for(kind: str, sparsity: float, args) -> PruneConfig:
+    """`rf`, `rf-notune`, `wanda`, `magnitude` (MLP channels), with `-head` appended for attention
+    heads (KV groups on this GQA model), e.g. `rf-head`, `rf-notune-head`, `wanda-head`."""
+    pattern, scope = ("head", "attention") if kind.endswith("-head") else ("channel", "mlp")
+    kind = kind.removesuffix("-head")
     method = {"rf": "retrain-free", "rf-notune": "retrain-free", "speed": "retrain-free"}.get(kind,
                                                                                           kind)
-    return PruneConfig(method=method, pattern="channel", scope="mlp", sparsity=sparsity,
+    return PruneConfig(method=method, pattern=pattern, scope=scope, sparsity=sparsity,
                        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=4,
                        mask_tuning=kind != "rf-notune" if method == "retrain-free" else False)
 
@@ -149,6 +153,8 @@ def run_quality(name: str, calibration, args) -> dict:
     result = prune(loaded.model, config_for(kind, float(sparsity), args), calibration=calibration)
     kept = [len(k) for k in result.structure.kept]
     return {"run": name, "mlp_sparsity": result.summary["mlp"], "matmul": result.summary["matmul"],
+            "attention_sparsity": result.summary["attention"], "unit": result.structure.unit,
+            "removed_units": sum(result.structure.num_units) - sum(kept),
             "prune_seconds": result.seconds, "kept_min": min(kept), "kept_max": max(kept),
             **evaluate_model(loaded.model, loaded.tokenizer, args)}
 
@@ -157,9 +163,10 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by_run = {r["run"]: r for r in rows}
     dense = by_run.get("dense")
-    lines = ["| run | over MLP block | element-wise/matmul | kept channels/block | LAMBADA last "
-             "token | rel. drop | LAMBADA last word | rel. drop | WikiText-2 ppl | prune s |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | over MLP block | over attention | element-wise/matmul | kept units/block | "
+             "LAMBADA last token | rel. drop | LAMBADA last word | rel. drop | WikiText-2 ppl | "
+             "prune s |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["run"].startswith("speed"):
             continue
@@ -168,10 +175,12 @@ def report(path: Path) -> str:
             if dense is None or r is dense:
                 return ""
             return f"{(r[key] - dense[key]) / dense[key]:+.2%}"
-        kept = f"{r['kept_min']}-{r['kept_max']}" if "kept_min" in r else "1536"
+        kept = f"{r['kept_min']}-{r['kept_max']} {r.get('unit', 'channel')}s" \
+            if "kept_min" in r else "all"
         lam = (f"{r['last_token']:.4f} | {drop('last_token')} | {r['last_word']:.4f} | "
                f"{drop('last_word')}") if "last_word" in r else "- | - | - | -"
-        lines.append(f"| {r['run']} | {r.get('mlp_sparsity', 0):.4f} | {r.get('matmul', 0):.4f} | "
+        lines.append(f"| {r['run']} | {r.get('mlp_sparsity', 0):.4f} | "
+                     f"{r.get('attention_sparsity', 0):.4f} | {r.get('matmul', 0):.4f} | "
                      f"{kept} | {lam} | {r['wikitext2_ppl']:.2f} | "
                      f"{r.get('prune_seconds', 0):.0f} |")
     for r in rows:

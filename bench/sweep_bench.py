@@ -187,7 +187,47 @@ def stage_cost_fast(ctx: Context, out: Path, figures: Path, report: dict) -> Non
     log.info("cost: %s", parts)
 
 
-STAGES = {"owl": stage_owl, "curve": stage_curve, "cost": stage_cost, "cost_fast": stage_cost_fast}
+def stage_cost_timed(ctx: Context, out: Path, figures: Path, report: dict) -> None:
+    """The whole 5-point cost, run for real three ways in one process, evaluation left out (it
+    is the same work whichever way the points are pruned): 5 separate runs (load the model, load
+    the calibration, exact prune), then one sweep in exact mode and one in fast mode (each
+    including its own model and calibration load)."""
+    args = ctx.args
+    sparsities = (0.1, 0.3, 0.5, 0.6, 0.7)
+    no_eval = lambda _model: {}  # noqa: E731
+    timings: dict = {"nsamples": args.nsamples, "seqlen": args.seqlen, "points": len(sparsities)}
+    for method in args.cost_methods.split(","):
+        row: dict = {}
+        started = time.perf_counter()
+        for target in sparsities:
+            loaded = load_model("default")
+            calibration = load_calibration(loaded.tokenizer, nsamples=args.nsamples,
+                                           seqlen=args.seqlen)
+            prune(loaded.model, PruneConfig(method=method, sparsity=target, nsamples=args.nsamples,
+                                            seqlen=args.seqlen, record_error=False),
+                  calibration=calibration)
+            del loaded
+        row["separate_s"] = time.perf_counter() - started
+        for mode in ("exact", "fast"):
+            started = time.perf_counter()
+            loaded = load_model("default")
+            calibration = load_calibration(loaded.tokenizer, nsamples=args.nsamples,
+                                           seqlen=args.seqlen)
+            config = SweepConfig(methods=(method,), sparsities=sparsities, extra_patterns=(),
+                                 nsamples=args.nsamples, seqlen=args.seqlen, mode=mode,
+                                 record_error=False)
+            run_sweep(loaded.model, loaded.tokenizer, config, evaluate_fn=no_eval,
+                      calibration=calibration)
+            row[f"sweep_{mode}_s"] = time.perf_counter() - started
+            row[f"ratio_{mode}"] = row[f"sweep_{mode}_s"] / row["separate_s"]
+            del loaded
+        log.info("cost (%s): %s", method, row)
+        timings[method] = row
+    report["cost_timed"] = timings
+
+
+STAGES = {"owl": stage_owl, "curve": stage_curve, "cost": stage_cost, "cost_fast": stage_cost_fast,
+          "cost_timed": stage_cost_timed}
 
 
 def main() -> None:
@@ -202,6 +242,8 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=16, help="LAMBADA passages per point")
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 windows per point")
     parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--cost-methods", default="wanda",
+                        help="methods timed by the cost_timed stage, comma-separated")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 

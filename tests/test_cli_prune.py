@@ -79,7 +79,26 @@ def test_prune_command_evaluates_dense_then_pruned(tiny_folder, calib_file, caps
     assert "relative drop" in stdout  # the seed-style comparison table
 
 
+def test_prune_command_flops_budget(tiny_folder, calib_file, capsys):
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--pattern", "channel",
+                                "--scope", "mlp", "--budget", "flops", "--sparsity", 0.1, "--calib", calib_file,
+                                "--nsamples", 2, "--seqlen", 32, "--slim", "--json")
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["config"]["budget"] == "flops" and report["config"]["sparsity"] == 0.1
+    # tiny llama at seqlen 32: 147456 linear + 8448 attention + 16384 LM head = 172288 FLOPs per
+    # token; a channel costs 384, so 10% needs 45 channels, 23 per block with uniform allocation
+    assert report["slim"]["sizes"] == [128 - 23, 128 - 23]
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--pattern", "channel",
+                                "--scope", "mlp", "--budget", "units", "--sparsity", 0.1, "--calib", calib_file,
+                                "--nsamples", 2, "--seqlen", 32, "--slim", "--json")
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["config"]["budget"] == "units" and report["slim"]["sizes"] == [128 - 12, 128 - 12]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--budget", "flops"], "budget 'flops' is for the channel/head patterns"),
     (["--pattern", "4:4"], "1 <= N < M"),
     (["--pattern", "3:5"], "does not divide"),
     (["--sparsity", "1.5"], r"outside [0, 1)"),

@@ -170,3 +170,24 @@ def test_bundled_wikitext2_subset(bundled, data_dir):
     result = evaluate(bundled.model, bundled.tokenizer, tasks=("wikitext2",), limit=6, data_dir=data_dir)
     assert result["wikitext2"]["windows"] == 6
     assert 20 < result["wikitext2"]["perplexity"] < 50  # full set ~29-35
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (older or custom models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_lambada_scores_the_same_without_logits_to_keep(chars):
+    model = tiny_model("llama")
+    wrapped = _NoLogitsToKeep(model)
+    for metric in (lambada_last_word, last_token_accuracy):
+        fast, full = metric(model, chars, PASSAGES, batch_size=4), metric(wrapped, chars, PASSAGES, batch_size=4)
+        assert fast["accuracy"] == full["accuracy"]
+        if "perplexity" in fast:
+            assert fast["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)

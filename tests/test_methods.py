@@ -110,3 +110,20 @@ def test_each_method_on_each_family(family, method, pattern):
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert result.errors["error"].notna().all()
     assert (result.errors["error"] > 0).all()
+
+
+@pytest.mark.parametrize("width", [48, 300, 577])
+def test_gram_accumulation_matches_a_float64_product(width):
+    stats = InputStats(width, gram=True)
+    batches = [torch.randn(2, 40, width) for _ in range(3)]
+    stats.add_batch(batches[0])
+    first = stats.gram.clone()  # read between batches: later batches must still add up
+    stats.add_batch(batches[1])
+    stats.add_batch(batches[2])
+    x = torch.cat([b.reshape(-1, width) for b in batches]).double()
+    x0 = batches[0].reshape(-1, width).double()
+    assert torch.allclose(first.double(), x0.t() @ x0, atol=1e-3)
+    assert torch.allclose(stats.gram.double(), x.t() @ x, atol=1e-3)
+    assert torch.equal(stats.gram, stats.gram.t())
+    assert stats.tokens == 240
+    assert torch.allclose(stats.sq_sum.double(), (x * x).sum(0), atol=1e-3)

@@ -177,3 +177,18 @@ def test_sparsegpt_2_4_on_the_bundled_model(bundled):
     # 2:4 is harsh on a 135M model: 30.5 -> 124 measured with 8 x 512 calibration (BENCHMARKS.md),
     # while magnitude 2:4 gives ~2200; 6x separates a working SparseGPT from a broken one.
     assert dense < pruned < 6 * dense, (dense, pruned)
+
+
+def test_sparsegpt_warns_when_calibration_has_fewer_tokens_than_inputs(caplog):
+    model = tiny_model("llama")
+    widest = max(w.shape[1] for w in (weight_of(lin.module) for b in describe(model).blocks
+                                      for lin in b.linears))
+    with caplog.at_level("WARNING", logger="workbench.prune"):
+        prune(model, PruneConfig(method="sparsegpt", nsamples=1, seqlen=8), calibration=token_batch(1, 8))
+    assert any("8 calibration tokens" in r.message and f"{widest} inputs" in r.message
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="workbench.prune"):
+        prune(tiny_model("llama"), PruneConfig(method="sparsegpt", nsamples=8, seqlen=64),
+              calibration=token_batch(8, 64))
+    assert not any("calibration tokens" in r.message for r in caplog.records)

@@ -89,12 +89,23 @@ def test_impossible_budgets_fail_clearly_and_leave_the_model_alone():
     ({"scope": "attention"}, ValueError, "scope 'mlp'"),
     ({"method": "wanda", "allocation": "global"}, ValueError, "uniform"),
     ({"allocation": "everywhere"}, ValueError, "allocation"),
+    ({"budget": "macs"}, ValueError, "unknown budget 'macs'"),
+    ({"method": "wanda", "pattern": "2:4", "scope": "all", "budget": "flops"}, PatternError,
+     "channel/head patterns.*use budget 'units'"),
+    ({"budget": "flops", "block_sparsity": [0.1, 0.1]}, ValueError, "drop block_sparsity"),
 ])
 def test_config_errors_name_the_fix(overrides, error, match):
     config = PruneConfig(**{"method": "retrain-free", "pattern": "channel", "scope": "mlp",
                             **overrides})
     with pytest.raises(error, match=match):
         config.validate()
+
+
+def test_budget_round_trips_through_a_dict():
+    config = PruneConfig(method="magnitude", pattern="head", scope="attention", budget="flops")
+    assert PruneConfig.from_dict(config.to_dict()) == config
+    older = {k: v for k, v in config.to_dict().items() if k != "budget"}  # saved before budgets
+    assert PruneConfig.from_dict(older).budget == "units"
 
 
 def test_search_masks_global_keeps_one_per_block_and_meets_the_count():

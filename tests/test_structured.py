@@ -1,16 +1,24 @@
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model, token_batch
+from tiny_models import FAMILIES, tiny_config, tiny_model, token_batch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
 
 from workbench.arch import describe, weight_of
+from workbench.prune import PruneConfig, prune
+from workbench.slim import slim_model
 from workbench.structured import (
     StructureError,
     apply_unit_mask,
     block_geometry,
+    flops_budget_to_sparsity,
+    forward_flops_per_token,
     keep_lowest_removed,
+    lm_head_params,
     magnitude_unit_scores,
     model_geometry,
     reconstruct_columns,
+    unit_flops_per_token,
     units_to_remove,
     wanda_unit_scores,
 )
@@ -150,3 +158,107 @@ def test_reconstruct_columns_beats_plain_zeroing():
     # nothing removed: the refit returns the weight itself
     torch.testing.assert_close(reconstruct_columns(weight, gram, torch.ones(32, dtype=torch.bool),
                                                    percdamp=1e-6), weight, atol=1e-3, rtol=1e-3)
+
+
+# --- FLOPs budgets -------------------------------------------------------------------------
+
+
+def _eager_model(family):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").eval()
+
+
+def _counted_flops_per_token(model, seqlen):
+    """FLOPs per token that torch's FlopCounterMode counts in one forward. Eager attention computes
+    the full seqlen x seqlen score matrix (then masks it); a causal kernel computes (seqlen + 1) /
+    (2 seqlen) of it, which is what the workbench counts."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(token_batch(1, seqlen))
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) <= {"aten.mm", "aten.addmm", "aten.bmm"}, counts
+    linear = counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)
+    attention = counts["aten.bmm"]
+    return (linear + attention * (seqlen + 1) / (2 * seqlen)) / seqlen
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_forward_flops_match_a_counted_forward(family):
+    model = _eager_model(family)
+    layout = describe(model)
+    seqlen = 24
+    ours = forward_flops_per_token(layout, seqlen, lm_head_params=lm_head_params(model))
+    assert ours == pytest.approx(_counted_flops_per_token(model, seqlen), rel=1e-12)
+    # the LM head is counted, tied to the embeddings (GPT-2) or not
+    assert lm_head_params(model) == 128 * 64
+    assert ours > forward_flops_per_token(layout, seqlen, lm_head_params=0)
+
+
+def test_unit_flops_of_llama_channels_and_kv_groups():
+    layout = describe(tiny_model("llama"))  # hidden 64, 4 heads of 16 in 2 KV groups
+    channel = model_geometry(layout, "channel")[0]
+    assert unit_flops_per_token(channel, 16) == 2 * 64 * 3  # a gate row, an up row, a down column
+    group = model_geometry(layout, "head")[0]
+    # q rows and o columns of 2 heads, k and v rows of 1 head, attention of 2 query heads
+    linears = 2 * 64 * (2 * 16 + 16 + 16 + 2 * 16)
+    assert unit_flops_per_token(group, 16) == linears + 2 * (2 * 2 * 16 * (16 + 1) // 2)
+
+
+@pytest.mark.parametrize("family, pattern, method, exclude, fraction", [
+    ("llama", "channel", "retrain-free", None, 0.1),
+    ("llama", "channel", "magnitude", r"layers\.0\.", 0.1),
+    ("gpt2", "channel", "wanda", None, 0.2),
+    ("llama", "head", "retrain-free", None, 0.05),
+    ("opt", "head", "magnitude", None, 0.12),
+])
+def test_flops_budget_removes_at_least_the_fraction(family, pattern, method, exclude, fraction):
+    """Counted on the slimmed model: the FLOPs removed reach the budget and overshoot it by less
+    than one unit's share (global allocation) or one unit per pruned block (uniform)."""
+    model = _eager_model(family)
+    seqlen = 16
+    dense = _counted_flops_per_token(model, seqlen)
+    scope = "mlp" if pattern == "channel" else "attention"
+    config = PruneConfig(method=method, pattern=pattern, scope=scope, sparsity=fraction,
+                         budget="flops", seqlen=seqlen, exclude=exclude, batch_size=4)
+    layout = describe(model)
+    unit_share = unit_flops_per_token(model_geometry(layout, pattern)[1], seqlen) / dense
+    result = prune(model, config, calibration=token_batch(8, seqlen))
+    slim_model(model, result)
+    removed = 1 - _counted_flops_per_token(model, seqlen) / dense
+    pruned_blocks = sum(len(k) < n for k, n in zip(result.structure.kept,
+                                                   result.structure.num_units))
+    step = unit_share * (1 if method == "retrain-free" else pruned_blocks)
+    assert fraction <= removed < fraction + step
+    assert result.config.to_dict()["budget"] == "flops"
+    if exclude:
+        assert result.structure.kept[0] == list(range(result.structure.num_units[0]))
+
+
+def test_flops_budget_uniform_needs_a_whole_unit_per_block():
+    layout = describe(tiny_model("llama"))
+    geometries = model_geometry(layout, "channel")
+    total = forward_flops_per_token(layout, 16, lm_head_params=128 * 64)
+    one_each = 2 * unit_flops_per_token(geometries[0], 16) / total
+    # a budget one channel (of 256) covers: global removes 1, uniform 1 in each block
+    assert flops_budget_to_sparsity(geometries, layout, one_each / 4, 16,
+                                    lm_head_params=128 * 64) == 1 / 256
+    assert flops_budget_to_sparsity(geometries, layout, one_each / 4, 16, lm_head_params=128 * 64,
+                                    allocation="uniform") == 1 / 128
+    assert flops_budget_to_sparsity(geometries, layout, 0.0, 16, lm_head_params=0) == 0.0
+
+
+def test_unreachable_flops_budget_names_the_most_and_leaves_the_model_alone():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # at seqlen 16: 147456 linear + 4352 attention + 16384 LM head FLOPs per token; keeping one
+    # channel per block, channels can remove 2 x 127 x 384 = 97536 of them, 57.99%
+    config = PruneConfig(method="magnitude", pattern="channel", scope="mlp", sparsity=0.6,
+                         budget="flops", seqlen=16)
+    with pytest.raises(StructureError, match=r"60\.00% cannot be met by removing MLP channels alone"
+                       r".*at most 57\.99% .*seqlen 16.*budget 'units'"):
+        prune(model, config, calibration=token_batch(4, 16))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    layout = describe(model)
+    with pytest.raises(StructureError, match="attention KV groups alone"):
+        flops_budget_to_sparsity(model_geometry(layout, "head"), layout, 0.5, 16,
+                                 lm_head_params=lm_head_params(model))

@@ -311,7 +311,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 _PRUNE_DEFAULTS = {"method": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "scope": "all",
-                   "exclude": None, "calib": "wikitext2", "nsamples": 64, "seqlen": 512, "seed": 0}
+                   "exclude": None, "calib": "wikitext2", "nsamples": 64, "seqlen": 512, "seed": 0,
+                   "budget": "units"}
 
 
 def prune_from_recipe(args: argparse.Namespace) -> int:
@@ -366,7 +367,8 @@ def _add_prune(subparsers) -> None:
     parser.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or retrain-free")
     parser.add_argument("--pattern", default="unstructured",
                         help="unstructured, N:M (e.g. 2:4), channel (MLP, --scope mlp) or head (--scope attention)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction removed (N:M patterns fix it)")
+    parser.add_argument("--sparsity", type=float, default=0.5,
+                        help="fraction removed (N:M patterns fix it); with --budget flops, of the forward FLOPs")
     parser.add_argument("--scope", default="all", help="all, mlp or attention")
     parser.add_argument("--exclude", default=None, help=r"regex over linear names left dense, e.g. 'layers\.0\.'")
     parser.add_argument("--calib", default="wikitext2", help="calibration: a name (wikitext2, pile10k, c4) or a file")
@@ -382,6 +384,10 @@ def _add_prune(subparsers) -> None:
     parser.add_argument("--allocation", default="auto", choices=["auto", "global", "uniform"],
                         help="channel/head patterns: units removed across blocks (global, retrain-free's "
                         "default) or the same count per block (uniform)")
+    parser.add_argument("--budget", default="units", choices=["units", "flops"],
+                        help="channel/head patterns: --sparsity is the fraction of units (channels, heads) "
+                        "to remove (units), or of the dense model's forward FLOPs per token at --seqlen "
+                        "(flops), turned into the unit count that removes at least that much")
     parser.add_argument("--no-mask-tuning", action="store_true",
                         help="retrain-free: skip the least-squares refit of down/o (as INC)")
     parser.add_argument("--slim", action="store_true",
@@ -446,6 +452,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          exclude=args.exclude, calibration=args.calib, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=args.seed, device=args.device,
                          allocation=getattr(args, "allocation", "auto"),
+                         budget=getattr(args, "budget", "units"),
                          mask_tuning=False if getattr(args, "no_mask_tuning", False) else None)
     if not config.validate().structured and getattr(args, "slim", False):  # fails before the model loads
         raise ValueError("--slim removes whole channels or heads: use --pattern channel (scope mlp) or "

@@ -18,6 +18,7 @@ rounding, ~1e-6).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -81,6 +82,18 @@ def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tu
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Logits at `positions` of every row, (batch, len(positions), vocab)."""
+    if _accepts_logits_to_keep(model):
+        keep = torch.as_tensor(positions, device=ids.device)
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    return model(input_ids=ids, attention_mask=mask).logits[:, positions]
 
 
 def _batches(order: list[int], batch_size: int) -> Iterable[list[int]]:
@@ -214,11 +227,17 @@ def _lambada(
     reporter = _Reporter(len(sequences), desc, progress, "seq")
     for batch in _batches(order, batch_size):
         ids, mask = _right_padded([sequences[i] for i in batch], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        # Only the target positions are scored: the LM head and the logits tensor shrink from
+        # every position of the batch to the union of those few.
+        positions = sorted({first + k for i in batch for _, _, first, targets in jobs[i]
+                            for k in range(len(targets))})
+        column_of = {position: column for column, position in enumerate(positions)}
+        logits = _logits_at(model, ids, mask, positions)
         for row, sequence_index in enumerate(batch):
             for metric, passage, first, target_ids in jobs[sequence_index]:
                 target = torch.as_tensor(target_ids, device=device)
-                scores = logits[row, first : first + len(target_ids)].float()
+                columns = [column_of[first + k] for k in range(len(target_ids))]
+                scores = logits[row, columns].float()
                 greedy = bool((scores.argmax(dim=-1) == target).all())
                 if metric == "token":
                     token_correct[passage] = greedy

@@ -223,6 +223,8 @@ def model_card(recipe: dict, summary: dict, table: pd.DataFrame | None = None,
         sparsity = prune.get("sparsity")
         pattern = prune.get("pattern")
         target = "fixed by the pattern" if pattern and ":" in str(pattern) else _fmt(sparsity, 2)
+        if prune.get("budget") == "flops":
+            target += " of the forward FLOPs per token"
         lines += [f"Pruned from `{source}` ({model_info.get('kind') or 'unknown source'}"
                   f"{', revision ' + str(model_info['revision']) if model_info.get('revision') else ''}"
                   f", {model_info.get('dtype') or 'fp32'}) with **{prune.get('method')}**, "
@@ -230,8 +232,8 @@ def model_card(recipe: dict, summary: dict, table: pd.DataFrame | None = None,
                   f"{', excluding `' + prune['exclude'] + '`' if prune.get('exclude') else ''}. "
                   "Retrain-free: no fine-tuning after pruning.", ""]
         lines += ["| setting | value |", "| :--- | :--- |"]
-        for key in ("method", "pattern", "sparsity", "scope", "exclude", "nsamples", "seqlen",
-                    "seed", "blocksize", "percdamp"):
+        for key in ("method", "pattern", "sparsity", "budget", "scope", "exclude", "nsamples",
+                    "seqlen", "seed", "blocksize", "percdamp"):
             if key in prune:
                 shown = "none" if prune[key] is None else _fmt(prune[key])
                 lines.append(f"| {key} | {shown} |")

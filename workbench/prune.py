@@ -36,10 +36,18 @@ from workbench.methods.retrain_free import check_scope as check_structured_scope
 from workbench.patterns import Pattern, PatternError, check_divides, check_sparsity, parse_pattern
 from workbench.sparsity import sparsity_summary, sparsity_table
 from workbench.stats import InputStats
+from workbench.structured import (
+    UNIT_NOUNS,
+    BlockGeometry,
+    flops_budget_to_sparsity,
+    lm_head_params,
+    model_geometry,
+)
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("all", "mlp", "attention")
+BUDGETS = ("units", "flops")
 
 
 class PruneCancelled(RuntimeError):
@@ -66,6 +74,9 @@ class PruneConfig:
     # Structured patterns (channel/head) only; see workbench.methods.retrain_free.
     mask_tuning: bool | None = None  # least-squares refit of down/o; None: on for retrain-free
     allocation: str = "auto"  # auto | global (Fisher, across blocks) | uniform (same per block)
+    # units | flops (structured only: sparsity is then the fraction of the dense model's forward
+    # FLOPs per token, at `seqlen`, to remove; see workbench.structured.flops_budget_to_sparsity)
+    budget: str = "units"
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Errors name the problem and the fix."""
@@ -73,6 +84,18 @@ class PruneConfig:
             known = sorted(set(METHODS) | set(STRUCTURED_METHODS))
             raise ValueError(f"unknown method {self.method!r}: choose one of {known}")
         pattern = parse_pattern(self.pattern)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}: choose one of {BUDGETS} ('units': "
+                             "sparsity is the fraction of weights or units removed; 'flops': the "
+                             "fraction of forward FLOPs per token, for channel/head patterns)")
+        if self.budget == "flops" and not pattern.structured:
+            raise PatternError(f"budget 'flops' is for the channel/head patterns, which remove "
+                               f"whole matmul rows and columns; pattern {pattern} zeroes single "
+                               "weights and leaves dense FLOPs unchanged: use budget 'units'")
+        if self.budget == "flops" and self.block_sparsity is not None:
+            raise ValueError("block_sparsity gives per-block unit fractions; budget 'flops' takes "
+                             "one model-wide FLOPs fraction: drop block_sparsity or use budget "
+                             "'units'")
         if pattern.structured:
             if self.method not in STRUCTURED_METHODS:
                 raise PatternError(f"{pattern} pruning works with methods {STRUCTURED_METHODS}; "
@@ -219,34 +242,70 @@ def _linears_in_scope(block: BlockInfo, config: PruneConfig, pattern: Pattern) -
 
 
 def _attach_stats(linears: list[LinearInfo], gram: bool, device: str):
-    """Forward hooks feeding each linear's input into its InputStats. Linears that receive the
-    very same input tensor (q/k/v, gate/up) share one accumulator."""
+    """Forward pre-hooks feeding each linear's input into its InputStats. Linears that receive
+    the very same input tensor (q/k/v, gate/up) share one accumulator.
+
+    Returns (stats, detach, stop_early). After one full forward, `stop_early()` makes later
+    forwards raise _StopForward at the last linear they reach, once its input is recorded: when
+    only the statistics are wanted, the rest of the block (down_proj and the residual, about a
+    fifth of a LLaMA block's work) is skipped."""
     stats: dict[str, InputStats] = {}
     last: dict = {"tensor": None, "stats": None}
+    calls: list[str] = []
+    stop: dict = {"recording": True, "at": None}
     handles = []
 
     def make_hook(name: str, in_features: int):
-        def hook(_module, args, _output):
+        def hook(_module, args):
             x = args[0]
+            if stop["recording"]:
+                calls.append(name)
             if last["tensor"] is x:  # the same object, so the same statistics
                 stats[name] = last["stats"]
-                return
-            if name not in stats:
-                stats[name] = InputStats(in_features, gram=gram, device=device)
-            stats[name].add_batch(x)
-            last.update(tensor=x, stats=stats[name])
+            else:
+                if name not in stats:
+                    stats[name] = InputStats(in_features, gram=gram, device=device)
+                stats[name].add_batch(x)
+                last.update(tensor=x, stats=stats[name])
+            if stop["at"] == name:
+                raise _StopForward
         return hook
 
     for lin in linears:
         in_features = in_out_features(lin.module)[0]
-        handles.append(lin.module.register_forward_hook(make_hook(lin.full_name, in_features)))
+        handles.append(lin.module.register_forward_pre_hook(make_hook(lin.full_name, in_features)))
+
+    def stop_early():
+        stop["recording"] = False
+        # a linear called twice per forward (shared weights) would stop the forward too soon
+        if calls and calls.count(calls[-1]) == 1:
+            stop["at"] = calls[-1]
 
     def detach():
         for handle in handles:
             handle.remove()
         last.update(tensor=None, stats=None)
 
-    return stats, detach
+    return stats, detach, stop_early
+
+
+def _block_stats(block: nn.Module, linears: list[LinearInfo], inputs: list[torch.Tensor],
+                 kwargs: list[dict], gram: bool, device: str) -> dict[str, InputStats]:
+    """Input statistics of `linears` over every calibration micro-batch; the block's outputs
+    are not needed, so each forward after the first stops at the last linear."""
+    stats, detach, stop_early = _attach_stats(linears, gram=gram, device=device)
+    try:
+        with torch.no_grad():
+            for index, (hidden, kw) in enumerate(zip(inputs, kwargs)):
+                try:
+                    block(hidden.to(device), **_to_device(kw, device))
+                except _StopForward:
+                    pass
+                if index == 0:
+                    stop_early()
+    finally:
+        detach()
+    return stats
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -306,8 +365,8 @@ def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None,
                 raise PruneCancelled(f"stopped before block {block.index} while collecting statistics")
             device_before = next(block.module.parameters()).device
             block.module.to(config.device)
-            stats, detach = _attach_stats(_linears_in_scope(block, config, pattern), gram=gram,
-                                          device=config.device)
+            stats, detach, _ = _attach_stats(_linears_in_scope(block, config, pattern),
+                                             gram=gram, device=config.device)
             try:
                 inputs = _run_block(block.module, inputs, kwargs, config.device)
             finally:
@@ -323,30 +382,60 @@ def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None,
     return cache
 
 
+def _unit_sparsity(model: nn.Module, layout: ModelLayout, config: PruneConfig,
+                   geometries: list[BlockGeometry]) -> float:
+    """The unit fraction to remove from `geometries`: `config.sparsity` itself, or for budget
+    'flops' the fraction that removes at least that share of the forward FLOPs per token."""
+    if config.budget != "flops":
+        return config.sparsity
+    allocation = resolve_allocation(config.method, config.allocation)
+    sparsity = flops_budget_to_sparsity(geometries, layout, config.sparsity, config.seqlen,
+                                        lm_head_params=lm_head_params(model),
+                                        allocation=allocation)
+    log.info("FLOPs budget %.4g of the forward FLOPs per token (seqlen %d): removing %.4g of "
+             "the %s (%s allocation)", config.sparsity, config.seqlen, sparsity,
+             UNIT_NOUNS[geometries[0].unit], allocation)
+    return sparsity
+
+
 def _structured_plan(model: nn.Module, layout: ModelLayout, config: PruneConfig,
-                     pattern: Pattern, calibration, tokenizer) -> StructuredPlan:
-    """Channel/head choices (for retrain-free: the Fisher pre-pass over the full model); blocks
-    with a linear matched by `exclude` stay dense."""
+                     pattern: Pattern, calibration, tokenizer) -> tuple[StructuredPlan, float]:
+    """Channel/head choices (for retrain-free: the Fisher pre-pass over the full model) and the
+    unit fraction they remove; blocks with a linear matched by `exclude` stay dense."""
+    geometries = model_geometry(layout, pattern.kind)
+    skip = set()
+    if config.exclude:
+        for geometry in geometries:
+            if any(re.search(config.exclude, lin.full_name) for lin in geometry.linears()):
+                skip.add(geometry.block)
+    sparsity = _unit_sparsity(model, layout, config,
+                              [g for g in geometries if g.block not in skip])
     ids = None
     if config.method == "retrain-free":
         ids, _ = _calibration_ids(config, calibration, tokenizer)
-    skip = set()
-    if config.exclude:
-        from workbench.structured import model_geometry
-
-        for geometry in model_geometry(layout, pattern.kind):
-            if any(re.search(config.exclude, lin.full_name) for lin in geometry.linears()):
-                skip.add(geometry.block)
-    return plan_structured(model, layout, pattern.kind, config.method, config.sparsity, ids,
+    plan = plan_structured(model, layout, pattern.kind, config.method, sparsity, ids,
                            allocation=config.allocation, block_sparsity=config.block_sparsity,
                            mask_tuning=config.mask_tuning, percdamp=config.percdamp,
                            batch_size=config.batch_size, skip_blocks=skip)
+    return plan, sparsity
 
 
-def _block_target(config: PruneConfig, index: int) -> float:
+def _warn_if_few_tokens(config: PruneConfig, tokens: int, scoped: list[list[LinearInfo]]) -> None:
+    """X^T X from fewer tokens than a layer has inputs is singular: the solve then leans on the
+    dampening alone and prunes little better than magnitude on that layer."""
+    widest = max((in_out_features(lin.module)[0] for linears in scoped for lin in linears),
+                 default=0)
+    if tokens < widest:
+        log.warning("%s: %d calibration tokens but layers with %d inputs; their Hessians are "
+                    "singular and the result will be poor. Use at least %d tokens (e.g. nsamples "
+                    "x seqlen = %d x %d)", config.method, tokens, widest, widest,
+                    -(-2 * widest // config.seqlen), config.seqlen)
+
+
+def _block_target(config: PruneConfig, index: int, unit_sparsity: float | None = None) -> float:
     if config.block_sparsity is not None:
         return config.block_sparsity[index]
-    return config.sparsity
+    return config.sparsity if unit_sparsity is None else unit_sparsity
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
@@ -375,6 +464,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
     needed = STATS_NEEDED.get(config.method)
     start_time = time.perf_counter()
     plan = None
+    unit_sparsity = None  # structured patterns: the unit fraction every block's target uses
     if pattern.structured:
         if config.method == "retrain-free" and calibration is None:
             from workbench.data import load_calibration
@@ -384,7 +474,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                                  "can be tokenized")
             calibration = load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
                                            seqlen=config.seqlen, seed=config.seed)
-        plan = _structured_plan(model, layout, config, pattern, calibration, tokenizer)
+        plan, unit_sparsity = _structured_plan(model, layout, config, pattern, calibration,
+                                               tokenizer)
         scoped = [plan.block_linears(block.index) for block in layout.blocks]
         needed = plan.needs_stats()
     uses_data = needed is not None or config.record_error
@@ -409,6 +500,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
     elif uses_data:
         inputs, kwargs, calib_info = _block0_inputs(model, layout, config, calibration, tokenizer,
                                                     cache)
+        if needed == "gram" and plan is None:
+            _warn_if_few_tokens(config, sum(x.shape[:-1].numel() for x in inputs), scoped)
 
     masks: dict[str, torch.Tensor] = {}
     errors, timings = [], []
@@ -425,14 +518,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
             if dense_stats is not None:
                 stats = {lin.full_name: dense_stats[lin.full_name] for lin in linears}
             elif uses_data and linears:
-                stats, detach = _attach_stats(linears, gram=gram, device=device)
-                try:
-                    with torch.no_grad():
-                        _run_block(block.module, inputs, kwargs, device)
-                finally:
-                    detach()
+                stats = _block_stats(block.module, linears, inputs, kwargs, gram, device)
             t1 = time.perf_counter()
-            target = _block_target(config, block.index)
+            target = _block_target(config, block.index, unit_sparsity)
             if plan is not None:
                 decided = plan.solve_block(block.index, stats, target) if linears else []
             else:
