@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from workbench import plots
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench import plots  # noqa: E402
 from workbench.allocation import block_weights, outlier_ratios, owl_allocation
 from workbench.data import load_calibration
 from workbench.models import load_model
