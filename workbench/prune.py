@@ -416,7 +416,7 @@ def _structured_plan(model: nn.Module, layout: ModelLayout, config: PruneConfig,
     plan = plan_structured(model, layout, pattern.kind, config.method, sparsity, ids,
                            allocation=config.allocation, block_sparsity=config.block_sparsity,
                            mask_tuning=config.mask_tuning, percdamp=config.percdamp,
-                           batch_size=config.batch_size, skip_blocks=skip)
+                           batch_size=config.batch_size, skip_blocks=skip, geometries=geometries)
     return plan, sparsity
 
 

@@ -282,14 +282,16 @@ def plan_structured(model: nn.Module, layout: ModelLayout, kind: str, method: st
                     sparsity: float, ids: torch.Tensor | None, *, allocation: str = "auto",
                     block_sparsity: list[float] | None = None, mask_tuning: bool | None = None,
                     percdamp: float = 0.01, batch_size: int = FISHER_MAX_BATCH,
-                    skip_blocks: set[int] | None = None, rearrange: bool = True) -> StructuredPlan:
-    """Build the plan; for retrain-free this runs the Fisher pre-pass, search and rearrangement."""
+                    skip_blocks: set[int] | None = None, rearrange: bool = True,
+                    geometries: list[BlockGeometry] | None = None) -> StructuredPlan:
+    """Build the plan; for retrain-free this runs the Fisher pre-pass, search and rearrangement.
+    `geometries`: `model_geometry(layout, kind)` when the caller already has it."""
     if method not in STRUCTURED_METHODS:
         raise ValueError(f"{kind} pruning supports methods {STRUCTURED_METHODS}, not {method!r}")
     if allocation == "auto" and block_sparsity is not None:
         allocation = "uniform"  # per-block targets fix every block's count
     allocation = resolve_allocation(method, allocation)
-    geometries = model_geometry(layout, kind)
+    geometries = geometries if geometries is not None else model_geometry(layout, kind)
     tuning = (method == "retrain-free") if mask_tuning is None else bool(mask_tuning)
     plan = StructuredPlan(kind, method, geometries, tuning, percdamp, set(skip_blocks or ()))
     targets = block_sparsity if block_sparsity is not None else sparsity
