@@ -134,3 +134,31 @@ def test_blocks_with_unknown_linears_name_the_fix():
         describe(UnknownNames())
     assert "attention projections" in str(info.value)
 
+
+
+def test_fused_projections_get_roles_and_nothing_is_left_unnamed():
+    """Fused q/k/v and gate/up matrices are prunable linears; every other linear is named."""
+    import transformers as T
+
+    from workbench.arch import left_dense
+
+    phi3 = T.AutoModelForCausalLM.from_config(T.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, pad_token_id=0))
+    layout = describe(phi3)
+    roles = {lin.kind: (lin.role, lin.group) for lin in layout.blocks[0].linears}
+    assert roles["gate_up_proj"] == ("gate_up", "mlp") and roles["qkv_proj"] == ("qkv", "attention")
+    assert left_dense(layout) == []
+    for family in ("gpt2", "falcon", "gpt_neox", "bloom", "mpt"):
+        layout = describe(tiny_model(family))
+        assert any(lin.role == "qkv" for lin in layout.blocks[0].linears), family
+        every = {path for path, module in layout.blocks[0].module.named_modules()
+                 if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+        assert every == {lin.name for lin in layout.blocks[0].linears}, family
+        assert left_dense(layout) == [], family
+
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.router = nn.Linear(64, 4)
+    skipped = left_dense(describe(model))
+    assert [name for name, _ in skipped] == ["model.layers.1.mlp.router"]
+    assert "4x64" in skipped[0][1] and "ROLE_BY_NAME" in skipped[0][1]

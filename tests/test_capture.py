@@ -19,7 +19,7 @@ def test_block_replay_matches_full_forward(family):
         assert [x.shape[0] for x in inputs] == [4, 2]
         for index, block in enumerate(layout.blocks):
             torch.testing.assert_close(torch.cat(inputs), hidden_states[index], rtol=0, atol=1e-6)
-            inputs = _run_block(block.module, inputs, kwargs, "cpu")
+            inputs = _run_block(block.module, inputs, kwargs.for_block(block.index), "cpu")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -32,9 +32,9 @@ def test_statistics_pass_that_stops_early_sees_every_input(family):
         inputs, kwargs = capture_block_inputs(model, layout, token_batch(6, 24), batch_size=2)
         for block in layout.blocks:
             linears = block.select("all")
-            early = _block_stats(block.module, linears, inputs, kwargs, gram=True, device="cpu")
+            early = _block_stats(block.module, linears, inputs, kwargs.for_block(block.index), gram=True, device="cpu")
             full, detach, _ = _attach_stats(linears, gram=True, device="cpu")
-            outputs = _run_block(block.module, inputs, kwargs, "cpu")
+            outputs = _run_block(block.module, inputs, kwargs.for_block(block.index), "cpu")
             detach()
             assert early.keys() == full.keys() == {lin.full_name for lin in linears}
             for name in full:
@@ -53,7 +53,7 @@ def test_statistics_pass_skips_the_last_linear_after_the_first_micro_batch():
     handle = down.module.register_forward_hook(lambda *_: ran.append(1))
     with torch.no_grad():
         inputs, kwargs = capture_block_inputs(model, layout, token_batch(6, 24), batch_size=2)
-        stats = _block_stats(block.module, block.select("all"), inputs, kwargs, gram=False, device="cpu")
+        stats = _block_stats(block.module, block.select("all"), inputs, kwargs.for_block(0), gram=False, device="cpu")
     handle.remove()
     assert len(ran) == 1  # three micro-batches, down_proj computed for the first only
     assert stats[down.full_name].tokens == 6 * 24

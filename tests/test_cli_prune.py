@@ -60,8 +60,7 @@ def test_prune_command_saves_a_stock_loadable_folder(tiny_folder, calib_file, tm
     code, _, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--out", out)
     assert code == 2 and "error:" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == before
-    code, _, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--calib", calib_file,
-                           "--nsamples", 2, "--seqlen", 16, "--out", out, "--overwrite")
+    code, _, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--out", out, "--overwrite")
     assert code == 0, err
 
 
@@ -79,10 +78,10 @@ def test_prune_command_evaluates_dense_then_pruned(tiny_folder, calib_file, caps
     assert "relative drop" in stdout  # the seed-style comparison table
 
 
-def test_prune_command_flops_budget(tiny_folder, calib_file, capsys):
+def test_prune_command_flops_budget(tiny_folder, capsys):
     code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--pattern", "channel",
-                                "--scope", "mlp", "--budget", "flops", "--sparsity", 0.1, "--calib", calib_file,
-                                "--nsamples", 2, "--seqlen", 32, "--slim", "--json")
+                                "--scope", "mlp", "--budget", "flops", "--sparsity", 0.1, "--seqlen", 32,
+                                "--slim", "--json")  # magnitude reads no calibration: no --calib
     assert code == 0, err
     report = json.loads(stdout.strip().splitlines()[-1])
     assert report["config"]["budget"] == "flops" and report["config"]["sparsity"] == 0.1
@@ -90,8 +89,7 @@ def test_prune_command_flops_budget(tiny_folder, calib_file, capsys):
     # token; a channel costs 384, so 10% needs 45 channels, 23 per block with uniform allocation
     assert report["slim"]["sizes"] == [128 - 23, 128 - 23]
     code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--pattern", "channel",
-                                "--scope", "mlp", "--budget", "units", "--sparsity", 0.1, "--calib", calib_file,
-                                "--nsamples", 2, "--seqlen", 32, "--slim", "--json")
+                                "--scope", "mlp", "--budget", "units", "--sparsity", 0.1, "--slim", "--json")
     assert code == 0, err
     report = json.loads(stdout.strip().splitlines()[-1])
     assert report["config"]["budget"] == "units" and report["slim"]["sizes"] == [128 - 12, 128 - 12]

@@ -122,3 +122,37 @@ def test_wikitext2_test_text(data_dir):
 def test_missing_lambada_in_given_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="LAMBADA"):
         load_lambada(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", "is empty"),
+    ("binary.txt", bytes(range(256)) * 8, r"is not UTF-8 text: line 2 has the byte 0x80"),
+    ("latin1.txt", "na\xefve caf\xe9".encode("latin-1"), r"line 1 has the byte 0xef at column 3"),
+    ("empty.jsonl", b"", "is empty"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"text": "fine"}\n{"text": broken}\n', "line 3 is not valid JSON"),
+    ("rows.jsonl", b'{"text": "fine"}\n[1, 2]\n', "line 2 is a JSON list"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"text": 7}\n', "row 2 has a 'text' field of type int"),
+    ("rows.json", b"[1, 2]", "row 1 has a 'text' field of type int"),
+    ("rows.csv", b"a,b\n", "unsupported file type"),
+])
+def test_unreadable_calibration_files_are_a_data_error(chars, tmp_path, name, content, message):
+    from workbench.errors import DataError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_calibration(chars, str(path), nsamples=1, seqlen=4)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ('{"text": "a b c"}\n{"text": "half\n', "line 2 is not valid JSON"),
+    ('{"text": "a b c"}\n{"text": "lonely"}\n', "passage 2 .* has no context before its last word"),
+    ('{"text": "a b c"}\n{"other": "x y"}\n', "row 2 has no 'text' field"),
+])
+def test_a_lambada_file_with_one_bad_row_names_it(tmp_path, rows, message):
+    from workbench.errors import DataError
+
+    (tmp_path / "lambada_openai_test.jsonl").write_text(rows)
+    with pytest.raises(DataError, match=message):
+        load_lambada(tmp_path)

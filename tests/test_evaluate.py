@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as T
 from tiny_models import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from workbench.evaluate import (
     compare,
@@ -18,6 +21,7 @@ from workbench.evaluate import (
     perplexity,
     split_last_word,
 )
+from workbench.intervals import perplexity_summary
 
 PASSAGES = [
     "the cat sat on the mat",
@@ -191,3 +195,168 @@ def test_lambada_scores_the_same_without_logits_to_keep(chars):
         assert fast["accuracy"] == full["accuracy"]
         if "perplexity" in fast:
             assert fast["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces (parameters are not outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel() * value.element_size())
+        return out
+
+
+def _largest_while(fn):
+    with _LargestTensor() as mode:
+        result = fn()
+    return result, mode.largest
+
+
+def _big_vocab_model(vocab: int):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=vocab)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_large_vocabulary_evaluates_in_bounded_memory(chars, monkeypatch):
+    import workbench.evaluate as evaluation
+
+    budget = 4 * 2**20
+    monkeypatch.setattr(evaluation, "LOGITS_CHUNK_BYTES", budget)
+    seqlen, windows = 32, 2
+    largest = {}
+    for vocab in (49_152, 262_144):
+        model = _big_vocab_model(vocab)
+        result, largest[vocab] = _largest_while(
+            lambda m=model: perplexity(m, chars, LONG_TEXT, seqlen=seqlen, batch_size=2, limit=windows))
+        # the numbers equal the unchunked path: full logits, by hand
+        ids = torch.tensor(chars(LONG_TEXT).input_ids[: windows * seqlen]).view(windows, seqlen)
+        full, full_largest = _largest_while(lambda m=model, x=ids: m(x).logits)
+        nll = [F.cross_entropy(full[w, :-1], ids[w, 1:]).item() for w in range(windows)]
+        assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / windows), rel=1e-5)
+        assert result["items"]["nll"] == pytest.approx(nll, rel=1e-5)
+        # the unchunked path really is bigger: windows x seqlen x vocab float32 logits
+        assert full_largest >= windows * seqlen * vocab * 4
+        words, words_largest = _largest_while(lambda m=model: lambada_last_word(m, chars, PASSAGES, batch_size=8))
+        assert words_largest <= budget
+    assert largest[262_144] <= budget < windows * seqlen * 262_144 * 4
+    assert largest[262_144] <= 1.25 * largest[49_152]
+
+
+def test_per_window_bos_by_hand():
+    from conftest import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.bos_token = "<eos>"  # id 1: a BOS token for this test
+    model = tiny_model("llama")
+    ids = tokenizer(LONG_TEXT, add_special_tokens=False).input_ids
+    seqlen, windows = 40, 3
+    nlls = []
+    for w in range(windows):
+        window = torch.tensor([[1] + ids[w * (seqlen - 1) : (w + 1) * (seqlen - 1)]])
+        with torch.no_grad():
+            logits = model(window).logits[0]
+        nlls.append(F.cross_entropy(logits[:-1], window[0, 1:]).item())
+    result = perplexity(model, tokenizer, LONG_TEXT, seqlen=seqlen, limit=windows, bos_per_window=True)
+    assert result["perplexity"] == pytest.approx(math.exp(sum(nlls) / windows), rel=1e-5)
+    assert "BOS at the start of every window" in result["convention"]
+    default = perplexity(model, tokenizer, LONG_TEXT, seqlen=seqlen, limit=windows)
+    assert "SparseGPT/Wanda" in default["convention"] and default["perplexity"] != result["perplexity"]
+
+
+def test_per_window_bos_needs_a_bos_token(chars):
+    with pytest.raises(ValueError, match="BOS"):
+        perplexity(tiny_model("llama"), chars, LONG_TEXT, seqlen=40, bos_per_window=True)
+
+
+def test_results_keep_items_and_intervals(chars, data_dir):
+    results = evaluate(tiny_model("llama"), chars, tasks=("lambada", "lambada-last-token", "wikitext2"), limit=4,
+                       data_dir=data_dir, seqlen=64)
+    lambada = results["lambada"]
+    assert len(lambada["items"]["accuracy"]) == 4 and lambada["item_ids"] == [0, 1, 2, 3]
+    assert lambada["accuracy"] == pytest.approx(sum(lambada["items"]["accuracy"]) / 4)
+    assert lambada["perplexity"] == pytest.approx(math.exp(sum(lambada["items"]["nll"]) / 4))
+    wiki = results["wikitext2"]
+    assert len(wiki["items"]["nll"]) == 4 and wiki["perplexity_ci"][0] <= wiki["perplexity"] <= wiki["perplexity_ci"][1]
+    assert "no per-window BOS" in wiki["convention"]
+
+
+def test_compare_with_intervals_and_verdicts(chars, data_dir):
+    model = tiny_model("llama")
+    dense = evaluate(model, chars, tasks=("lambada", "wikitext2"), limit=6, data_dir=data_dir, seqlen=64)
+    same = compare(dense, dense)
+    assert list(same.columns)[4:] == ["dense 95% CI", "sparse 95% CI", "difference", "difference 95% CI",
+                                      "significant"]
+    assert not same["significant"].any() and (same["difference"] == 0).all()
+    assert same["metric"].iloc[-1].startswith("WikiText-2 perplexity (64-token windows")
+    # a pruned model that got every window 0.1 nats worse: a real, paired drop
+    worse_nll = [value + 0.1 for value in dense["wikitext2"]["items"]["nll"]]
+    worse = {"wikitext2": {**dense["wikitext2"], **perplexity_summary(worse_nll), "items": {"nll": worse_nll}}}
+    table = compare({"wikitext2": dense["wikitext2"]}, worse)
+    assert bool(table["significant"].iloc[0]) and table["difference"].iloc[0] > 0
+    assert table["difference"].iloc[0] == pytest.approx(dense["wikitext2"]["perplexity"] * (math.exp(0.1) - 1))
+
+
+def test_model_card_lists_each_task_with_its_interval(chars, data_dir):
+    from workbench.model_card import evaluation_section
+
+    model = tiny_model("llama")
+    dense = evaluate(model, chars, tasks=("lambada", "wikitext2"), limit=5, data_dir=data_dir, seqlen=64)
+    text = "\n".join(evaluation_section({"dense": dense, "sparse": dense}))
+    assert "| metric | dense (95% CI) | pruned (95% CI) | relative drop | difference (95% CI) | significant |" in text
+    accuracy_row = next(line for line in text.splitlines() if line.startswith("| LAMBADA last-word accuracy"))
+    low, high = dense["lambada"]["accuracy_ci"]
+    assert f"[{low:.4g}, {high:.4g}]" in accuracy_row and accuracy_row.endswith("| no |")
+    assert "WikiText-2 perplexity (64-token windows, no per-window BOS (SparseGPT/Wanda))" in text
+    assert "McNemar" in text
+    alone = "\n".join(evaluation_section(dense))
+    assert "| task | metric | pruned | 95% CI |" in alone and "no per-window BOS" in alone
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A model with a post-head step the evaluator does not know: logits doubled in forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        out.logits = out.logits * 2
+        return out
+
+
+def _perplexity_by_hand(model, tokenizer, seqlen=32, windows=2):
+    ids = torch.tensor(tokenizer(LONG_TEXT).input_ids[: windows * seqlen]).view(windows, seqlen)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return math.exp(sum(F.cross_entropy(logits[w, :-1], ids[w, 1:]).item() for w in range(windows)) / windows)
+
+
+def test_head_split_follows_soft_capping_and_falls_back_on_unknown_steps(chars):
+    import workbench.evaluate as evaluation
+
+    torch.manual_seed(0)
+    gemma = T.AutoModelForCausalLM.from_config(T.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, vocab_size=128, final_logit_softcapping=0.5)).eval()  # a cap small enough to matter
+    value = perplexity(gemma, chars, LONG_TEXT, seqlen=32, limit=2)["perplexity"]
+    assert value == pytest.approx(_perplexity_by_hand(gemma, chars), rel=1e-5)
+    assert evaluation._HEAD_CHECKED[gemma] is True  # the chunked path, with the cap applied
+    scaled = _ScaledLogits(tiny_model("llama"))
+    value = perplexity(scaled, chars, LONG_TEXT, seqlen=32, limit=2)["perplexity"]
+    assert value == pytest.approx(_perplexity_by_hand(scaled, chars), rel=1e-5)
+    assert evaluation._HEAD_CHECKED[scaled] is False
+    words = lambada_last_word(scaled, chars, PASSAGES)
+    assert words["perplexity"] == pytest.approx(
+        lambada_last_word(_NoLogitsToKeep(scaled), chars, PASSAGES)["perplexity"], rel=1e-6)

@@ -14,22 +14,12 @@ import pytest
 import torch
 from tiny_models import tiny_model, token_batch
 
+from workbench import compact
 from workbench import export as ex
-from workbench.export import (
-    BITMASK,
-    BITMASK_24,
-    COMPACT_WEIGHTS,
-    ExportError,
-    ExportExistsError,
-    bitmask_decode,
-    bitmask_encode,
-    export_model,
-    load_compact,
-    read_compact_state,
-    two_four_decode,
-    two_four_encode,
-)
+from workbench.compact import BITMASK, BITMASK_24, COMPACT_WEIGHTS, load_compact, read_compact_state
+from workbench.export import ExportError, ExportExistsError, export_model
 from workbench.prune import PruneConfig, prune
+from workbench.saving import MARKER, UnsafeDestinationError, read_marker
 
 SOURCE = {"source": "tiny-llama", "kind": "folder", "resolved": "/models/tiny-llama", "dtype": "fp32"}
 
@@ -126,42 +116,10 @@ def test_compact_two_four_uses_the_24_layout(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(exported.path / COMPACT_WEIGHTS), framework="pt") as handle:
-        layouts = json.loads(handle.metadata()[ex.COMPACT_METADATA_KEY])["layouts"]
+        layouts = json.loads(handle.metadata()[compact.COMPACT_METADATA_KEY])["layouts"]
         compressed = handle.get_tensor("model.layers.1.mlp.down_proj.compressed")
     assert layouts["model.layers.1.mlp.down_proj.weight"] == BITMASK_24
     assert compressed.shape == (64, 64)  # down_proj is 64 x 128: half the columns kept
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cols", [13, 64, 100])
-def test_bitmask_codec_round_trips(dtype, cols):
-    generator = torch.Generator().manual_seed(cols)
-    weight = torch.randn(7, cols, generator=generator).to(dtype)
-    weight[torch.rand(7, cols, generator=generator) < 0.6] = 0
-    weight[0] = 0  # an empty row
-    parts = bitmask_encode(weight)
-    assert parts["bitmask"].shape == (7, (cols + 7) // 8)
-    assert parts["compressed"].numel() == int((weight != 0).sum())
-    assert torch.equal(bitmask_decode(parts), weight)
-
-
-def test_two_four_codec_round_trips_with_sparse_groups():
-    weight = torch.tensor([[0.0, 1.5, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0],
-                           [3.0, 0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 0.0]])
-    assert ex.is_two_four(weight)
-    parts = two_four_encode(weight)
-    assert parts["compressed"].shape == (2, 4)
-    assert torch.equal(two_four_decode(parts), weight)
-    assert not ex.is_two_four(torch.ones(2, 8))
-
-
-def test_bitmask_matches_compressed_tensors_packing():
-    helpers = pytest.importorskip("compressed_tensors.utils.helpers")
-    mask = torch.rand(5, 21, generator=torch.Generator().manual_seed(0)) < 0.5
-    weight = torch.where(mask, torch.ones(5, 21), torch.zeros(5, 21))
-    ours = bitmask_encode(weight)["bitmask"]
-    assert torch.equal(ours, helpers.pack_bitmasks(mask))
-    assert torch.equal(helpers.unpack_bitmasks(ours, [5, 21]), mask)
 
 
 def test_gguf_loaded_model_exports_and_keeps_its_quantizer(tmp_path):
@@ -349,8 +307,28 @@ def test_failed_overwrite_keeps_the_old_export(pruned, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "model_card", boom)
     with pytest.raises(RuntimeError):
         export_model(model, None, tmp_path, "keep", result=result, overwrite=True)
-    assert {p: p.read_bytes() for p in sorted(first.path.rglob("*")) if p.is_file()} == snapshot
+    kept = {p: p.read_bytes() for p in sorted(first.path.rglob("*")) if p.is_file() and p.name != MARKER}
+    assert kept == snapshot and read_marker(first.path)["complete"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_disk_full_mid_export_is_a_clear_error_and_keeps_the_old_export(pruned, tmp_path, monkeypatch):
+    import errno
+
+    from workbench.saving import UnwritableDestinationError
+
+    model, result = pruned
+    first = export_model(model, None, tmp_path, "full", result=result)
+    snapshot = {p: p.read_bytes() for p in [*first.files, first.zip_path]}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ex, "_zip_folder", full)
+    with pytest.raises(UnwritableDestinationError, match="disk is full"):
+        export_model(model, None, tmp_path, "full", result=result, overwrite=True)
+    assert {p: p.read_bytes() for p in [*first.files, first.zip_path]} == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "full.zip"]
 
 
 def test_not_enough_disk_space_is_refused(pruned, tmp_path, monkeypatch):
@@ -509,7 +487,26 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_export(pruned, tmp_pat
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "thesis.txt").write_text("years of work")
-    with pytest.raises(ExportError, match="not an export"):
-        export_model(model, None, tmp_path, "notes", result=result, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(UnsafeDestinationError, match="not written by prune-workbench"):
+            export_model(model, None, tmp_path, "notes", result=result, overwrite=overwrite)
     assert (precious / "thesis.txt").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    # nor a zip of that name that is not one of ours
+    (tmp_path / "taxes.zip").write_bytes(b"PK not ours")
+    with pytest.raises(UnsafeDestinationError, match="not a zip of the export"):
+        export_model(model, None, tmp_path, "taxes", result=result, overwrite=True)
+    assert (tmp_path / "taxes.zip").read_bytes() == b"PK not ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "taxes.zip"]
+
+
+def test_export_carries_the_marker_but_never_zips_or_lists_it(pruned, tmp_path):
+    model, result = pruned
+    exported = export_model(model, None, tmp_path, "marked", result=result)
+    assert read_marker(exported.path)["kind"] == "export" and read_marker(exported.path)["complete"]
+    assert all(p.name != MARKER for p in exported.files)
+    with zipfile.ZipFile(exported.zip_path) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(MARKER)]
+    # an empty folder of that name is not worth an overwrite
+    (tmp_path / "empty").mkdir()
+    assert export_model(model, None, tmp_path, "empty", result=result, make_zip=False).path.name == "empty"

@@ -160,7 +160,7 @@ def test_two_sessions_keep_their_own_state(server, folders):
     ("/load", (FOLDER, "", None, "fp32"), "type the path"),
     ("/load", ("upload .gguf", "", None, "fp32"), "upload a .gguf file"),
     ("/prune", ("sparsegpt", "4:4", 0.5, "all", "wikitext2", 4, 32, [], 2), "1 <= N < M"),
-    ("/prune", ("sparsegpt", "unstructured", 1.5, "all", "wikitext2", 4, 32, [], 2), "greater than maximum"),
+    ("/prune", ("sparsegpt", "unstructured", 1.5, "all", "wikitext2", 4, 32, [], 2), "1.5 is outside \\[0, 1\\)"),
     ("/prune", ("sparsegpt", "2:4", 0.5, "all", "no-such-data.txt", 4, 32, [], 2), "unknown calibration"),
     ("/sweep", (["magnitude"], "0.5, 1.5", [], "exact", "all", "wikitext2", 4, 32, ["lambada"], 2), "\\[0, 1\\)"),
     ("/sweep", (["magnitude"], "half", [], "exact", "all", "wikitext2", 4, 32, ["lambada"], 2), "numbers"),
@@ -236,3 +236,18 @@ def test_cancel_stops_a_running_sweep_and_keeps_finished_points(server, folders)
     finished = len(points["data"])
     assert 1 <= finished < 9 and f"after {finished} of 9 points" in status
     assert "(dense)" in line
+
+
+def test_locally_every_session_sees_every_run_and_the_bounds_still_apply(server, folders):
+    first, second = client(server), client(server)
+    first.predict(FOLDER, folders["llama"], None, "fp32", api_name="/load")
+    status, *_ = first.predict(*PRUNE_24, api_name="/prune")
+    name = status.split("Saved as run `")[1].split("`")[0]
+    assert name in [r["name"] for r in rows(second.predict(api_name="/runs")[0])]
+    assert "session" not in second.predict(api_name="/runs")[0]["headers"]  # an internal column
+    with pytest.raises(AppError, match="above this server's limit of 128.*WORKBENCH_MAX_NEW_TOKENS|maximum"):
+        first.predict("hello", 129, api_name="/generate")
+    path_args = list(PRUNE_24)
+    path_args[5] = 65  # calibration samples over the default bound, named with the variable that lifts it
+    with pytest.raises(AppError, match="WORKBENCH_MAX_SAMPLES"):
+        first.predict(*path_args, api_name="/prune")

@@ -144,3 +144,67 @@ def test_bundled_cached_load_is_fast(bundled):
     ids = bundled.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(again.model(ids).logits, bundled.model(ids).logits)
+
+
+def _copy_config_and_tokenizer(tiny_folder, path):
+    import shutil
+
+    path.mkdir()
+    for item in tiny_folder[0].iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, path / item.name)
+    return path
+
+
+@pytest.mark.parametrize("weights, message", [
+    (None, "no weights file"),
+    (b"", "header too small"),
+    ("half", "could not be loaded"),
+    (b"\x00" * 8 + b"garbage", "could not be loaded"),
+])
+def test_missing_or_corrupt_weights_are_a_model_load_error(tiny_folder, tmp_path, weights, message):
+    folder = _copy_config_and_tokenizer(tiny_folder, tmp_path / "m")
+    if weights == "half":
+        data = (tiny_folder[0] / "model.safetensors").read_bytes()
+        weights = data[: len(data) // 2]
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_model(str(folder))
+    assert str(folder) in str(info.value) and "re-save or re-download" in str(info.value)
+
+
+def test_weights_of_another_model_are_refused_not_randomly_filled(tiny_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _copy_config_and_tokenizer(tiny_folder, tmp_path / "m")
+    save_file({"unrelated.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="missing from its weights file"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("config", [b"{oops", b"[1]", b'{"model_type": "llama", "hidden_size": "x"}'])
+def test_bad_config_json_is_a_model_load_error(tiny_folder, tmp_path, config):
+    folder = _copy_config_and_tokenizer(tiny_folder, tmp_path / "m")
+    (folder / "config.json").write_bytes(config)
+    with pytest.raises(ModelLoadError, match="config.json cannot be used"):
+        load_model(str(folder))
+
+
+def test_an_encoder_is_refused_naming_its_architecture(tmp_path, chars):
+    from workbench.errors import UnsupportedModelError
+
+    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=64))
+    bert.save_pretrained(tmp_path)
+    chars.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="encoder model, bert \\(BertForMaskedLM\\)") as info:
+        load_model(str(tmp_path))
+    assert "both sides" in str(info.value)
+
+
+def test_revision_of_a_local_folder_is_refused(tiny_folder):
+    from workbench.errors import OptionError
+
+    with pytest.raises(OptionError, match="revision"):
+        load_model(str(tiny_folder[0]), revision="main")

@@ -143,3 +143,41 @@ def test_sensitivity_heatmap(tmp_path):
     np.testing.assert_allclose(image[0], [0.0, 1.0, 0.5])
     assert [t.get_text() for t in fig.axes[0].texts][:3] == ["0.01", "0.03", "0.02"]
     _png_ok(fig, tmp_path / "s.png")
+
+
+def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    table["lambada/accuracy_lo"] = table["lambada/accuracy"] - 0.05
+    table["lambada/accuracy_hi"] = table["lambada/accuracy"] + 0.05
+    table["wikitext2/perplexity_lo"] = table["wikitext2/perplexity"] * 0.9
+    table["wikitext2/perplexity_hi"] = table["wikitext2/perplexity"] * 1.1
+    table["lambada/accuracy_significant"] = [None] + [True, False] * ((len(table) - 1) // 2) + \
+        [True] * ((len(table) - 1) % 2)
+    return table
+
+
+def test_accuracy_curve_bands_are_in_the_png(tmp_path):
+    from matplotlib.collections import PolyCollection
+
+    from workbench.plots import png_bytes
+
+    table = _with_intervals(_sweep_table())
+    with_bands = plots.accuracy_curve(table)
+    acc, ppl = with_bands.axes
+    bands = [c for c in acc.collections if isinstance(c, PolyCollection) and c.get_gid() == "interval-band"]
+    assert len(bands) == 4  # one per line
+    wanda = next(line for line in acc.lines if line.get_label() == "wanda")
+    band = bands[[line.get_label() for line in acc.lines if line.get_gid() == "point-line"].index("wanda")]
+    vertices = band.get_paths()[0].vertices
+    assert vertices[:, 1].min() == pytest.approx(min(wanda.get_ydata()) - 0.05)
+    assert vertices[:, 1].max() == pytest.approx(max(wanda.get_ydata()) + 0.05)
+    assert [p for p in acc.patches if p.get_gid() == "dense-band"]
+    assert [line for line in acc.lines if line.get_gid() == "not-significant"]
+    assert "95% interval" in acc.get_title()
+    without = plots.accuracy_curve(table, bands=False)
+    assert not [c for c in without.axes[0].collections if c.get_gid() == "interval-band"]
+    assert png_bytes(with_bands) != png_bytes(plots.accuracy_curve(table, bands=False))
+    # a table without intervals draws exactly as before
+    plain = plots.accuracy_curve(_sweep_table())
+    assert not [c for c in plain.axes[0].collections if c.get_gid() == "interval-band"]
+    _png_ok(with_bands, tmp_path / "bands.png")

@@ -263,3 +263,37 @@ def test_cli_prune_recipe_reproduces_the_masks(saved_tiny, tmp_path, capsys):
     # the recipe fixes the config: contradicting flags are refused
     assert main(["prune", "--recipe", str(path), "--sparsity", "0.7"]) == 2
     assert "drop --sparsity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,pattern,scope", [
+    ("magnitude", "unstructured", "all"), ("wanda", "2:4", "all"), ("sparsegpt", "unstructured", "all"),
+    ("retrain-free", "channel", "mlp"), ("retrain-free", "head", "attention"), ("wanda", "channel", "mlp"),
+])
+def test_every_method_round_trips_through_a_recipe_and_the_cli(saved_tiny, tmp_path, capsys, method,
+                                                               pattern, scope):
+    from workbench.cli import main
+
+    loaded, text = saved_tiny
+    config = _config(text, method, pattern)
+    config.scope = scope
+    result = prune(loaded.model, config, tokenizer=loaded.tokenizer)
+    path = write_recipe(tmp_path / "recipe.json", make_recipe(result, loaded))
+
+    _, _, again = reproduce(read_recipe(path))
+    assert masks_match(read_recipe(path), again) is True
+
+    assert main(["prune", "--recipe", str(path), "--json"]) == 0
+    assert _last_json(capsys)["masks_match_recipe"] is True
+    assert main(["export", "--recipe", str(path), "--name", "again", "--root", str(tmp_path / "exports"),
+                 "--no-zip", "--json"]) == 0
+    assert _last_json(capsys)["masks_match_recipe"] is True
+
+
+@pytest.mark.parametrize("field,value", [("prune", [1]), ("model", ["x"]), ("calibration", "wikitext2"),
+                                         ("version", "one"), ("result", [1]), ("version", True)])
+def test_recipe_fields_of_the_wrong_shape_are_refused(tmp_path, field, value):
+    raw = {"format": RECIPE_FORMAT, "version": 1, "prune": {"method": "magnitude"}, field: value}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(RecipeError, match=f'"{field}" is a'):
+        read_recipe(path)

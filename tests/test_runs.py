@@ -6,6 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from workbench.runs import RunError, compare_runs, create_run, list_runs, load_run, open_run
+from workbench.saving import MARKER, read_marker
 
 
 def test_run_files_roundtrip(tmp_path):
@@ -32,7 +33,8 @@ def test_run_files_roundtrip(tmp_path):
     assert again.load_json("results") == {"summary": {"blocks": 0.5}}
     assert "done" in (run.path / "log.txt").read_text()
     # nothing temporary is left behind
-    assert not [p for p in run.path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in run.path.iterdir() if p.name.startswith(".") and p.name != MARKER]
+    assert read_marker(run.path)["kind"] == "run"  # ours: never replaced by a save
 
 
 def test_bad_names_are_refused(tmp_path):

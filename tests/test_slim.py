@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from workbench.arch import describe, weight_of
 from workbench.prune import PruneConfig, prune
+from workbench.saving import UnsafeDestinationError
 from workbench.slim import final_sizes, load_slimmed, save_slimmed, slim_model
 from workbench.sparsity import sparsity_summary
 from workbench.structured import StructureError
@@ -90,9 +91,15 @@ def test_save_refuses_a_non_empty_folder_and_leaves_no_temp(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite"):
-        save_slimmed(model, None, target)
+    for overwrite in (False, True):  # not ours: never replaced, overwrite or not
+        with pytest.raises(UnsafeDestinationError, match="overwrite"):
+            save_slimmed(model, None, target, overwrite=overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "keep.txt").read_text() == "mine"
+    (target / "keep.txt").unlink()
+    save_slimmed(model, None, target)  # an empty folder is fine
+    with pytest.raises(FileExistsError, match="overwrite"):  # ours: replaced only when asked
+        save_slimmed(model, None, target)
     save_slimmed(model, None, target, overwrite=True)
     assert (target / "config.json").is_file() and not (target / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

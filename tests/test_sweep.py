@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from workbench.sweep import SweepConfig, restore_weights, run_sweep, snapshot_we
 
 CALIB = token_batch(8, 16)
 EVAL = token_batch(4, 16, seed=1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def token_perplexity(model) -> dict:
@@ -213,6 +217,36 @@ def test_config_roundtrip():
     assert again == config
     with pytest.raises(ValueError, match="unknown SweepConfig"):
         SweepConfig.from_dict({"methods": ["wanda"], "bogus": 1})
+
+
+def test_where_a_sweep_runs_is_not_part_of_its_identity(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    config = small_config(methods=("magnitude",), sparsities=(0.5,), extra_patterns=())
+    assert config.address == "ray://head:10001" and config.backend == "local"
+    run_sweep(tiny_model("llama"), None, config, run_dir=tmp_path / "run", evaluate_fn=token_perplexity,
+              calibration=CALIB)
+    elsewhere = small_config(methods=("magnitude",), sparsities=(0.5,), extra_patterns=(), backend="ray",
+                             address="auto", device="cuda")
+    assert elsewhere.run_config() == config.run_config() and "backend" not in config.run_config()
+    with pytest.raises(ValueError, match="unknown backend"):
+        small_config(backend="slurm").validate()
+
+
+def test_a_local_sweep_never_imports_ray(tmp_path):
+    script = f"""
+import sys
+sys.path[:0] = {[str(ROOT), str(ROOT / "tests")]!r}
+import workbench.sweep, workbench.cli, workbench.workflow
+from test_sweep import CALIB, small_config, token_perplexity
+from tiny_models import tiny_model
+table = workbench.sweep.run_sweep(tiny_model("llama"), None, small_config(extra_patterns=(), sparsities=(0.5,)),
+                                  run_dir={str(tmp_path / "run")!r}, evaluate_fn=token_perplexity, calibration=CALIB)
+assert len(table) == 3, table
+print("ray imported" if "ray" in sys.modules else "no ray")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "no ray"
 
 
 def test_cli_sweep_rejects_bad_input_before_loading(capsys, tmp_path):

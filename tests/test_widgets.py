@@ -230,3 +230,11 @@ def test_bundled_model_through_the_panel(tmp_path):
     assert 0.0 <= float(row["Dense"]) <= 1.0 and 0.0 <= float(row["Sparse"]) <= 1.0
     assert is_png(wb.heatmap) and is_png(wb.error_heatmap)
     assert "Saved as run" in wb.message.value and any((tmp_path / "runs").iterdir())
+
+
+def test_out_of_range_sparsity_is_refused_not_clamped(tiny_folder):
+    wb = panel(tiny_folder, pattern="unstructured")
+    wb.sparsity.value = 1.5
+    assert wb.sparsity.value == 1.5  # the field keeps what was typed
+    wb.run_button.click()
+    assert "1.5 is outside [0, 1)" in wb.error and wb.result is None

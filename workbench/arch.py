@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from workbench.errors import UnsupportedModelError
+
 # Leaf module name -> role. "o"/"down" for names shared by attention and MLP (GPT-2's c_proj,
 # the "dense" projections) are resolved by the parent path in `_role_of`.
 ROLE_BY_NAME = {
@@ -21,18 +23,18 @@ ROLE_BY_NAME = {
     "v_proj": "v", "value": "v", "v": "v", "wv": "v",
     "o_proj": "o", "out_proj": "o", "wo": "o", "dense": "o", "c_proj": "o",
     "query_key_value": "qkv", "Wqkv": "qkv", "c_attn": "qkv", "qkv_proj": "qkv", "W_pack": "qkv",
-    "gate_proj": "gate", "w1": "gate",
+    "gate_proj": "gate", "w1": "gate", "gate_up_proj": "gate_up",
     "up_proj": "up", "fc1": "up", "fc_in": "up", "dense_h_to_4h": "up", "c_fc": "up", "w3": "up",
     "down_proj": "down", "fc2": "down", "fc_out": "down", "dense_4h_to_h": "down", "w2": "down",
 }
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
-MLP_ROLES = ("gate", "up", "down")
+MLP_ROLES = ("gate", "up", "gate_up", "down")  # gate_up: one matrix for both (Phi-3)
 _ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP_NAMES_IN_ATTENTION = {"c_proj": "o", "dense": "o"}
 _MLP_NAMES_IN_MLP = {"c_proj": "down", "dense": "down"}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UnsupportedModelError):
     """The model's structure could not be mapped onto blocks, attention and MLP linears."""
 
 
@@ -76,6 +78,7 @@ class BlockInfo:
     name: str
     module: nn.Module = field(repr=False)
     linears: list[LinearInfo]
+    unmapped: list[str] = field(default_factory=list)  # linears with no known role: never pruned
 
     def select(self, scope: str = "all") -> list[LinearInfo]:
         if scope == "all":
@@ -185,17 +188,18 @@ def describe(model: nn.Module) -> ModelLayout:
 
     blocks = []
     for index, block in enumerate(block_list):
-        linears = []
+        linears, unmapped = [], []
         for path, module in block.named_modules():
             if not is_linear(module):
                 continue
             role_group = _role_of(path)
             if role_group is None:
+                unmapped.append(path)
                 continue
             role, group = role_group
             full = f"{blocks_name}.{index}.{path}"
             linears.append(LinearInfo(path, full, role, group, module))
-        blocks.append(BlockInfo(index, f"{blocks_name}.{index}", block, linears))
+        blocks.append(BlockInfo(index, f"{blocks_name}.{index}", block, linears, unmapped))
 
     first = blocks[0]
     missing = []
@@ -236,3 +240,18 @@ def describe(model: nn.Module) -> ModelLayout:
         embedding_names=embeddings,
         head_name=head_name,
     )
+
+
+def left_dense(layout: ModelLayout) -> list[tuple[str, str]]:
+    """(full name, reason) for every linear inside the decoder blocks that no method will prune,
+    whatever the scope, so that nothing the user asked for is left dense without a word."""
+    skipped = []
+    for block in layout.blocks:
+        for path in block.unmapped:
+            module = block.module.get_submodule(path)
+            shape = "x".join(str(n) for n in in_out_features(module)[::-1])
+            skipped.append((f"{block.name}.{path}", f"a {shape} linear whose name is not in "
+                            "workbench.arch.ROLE_BY_NAME, so whether it belongs to attention or "
+                            "the MLP is unknown (a router or an extra projection?); add its name "
+                            "there to prune it"))
+    return skipped

@@ -13,8 +13,6 @@ import math
 import sys
 from collections.abc import Sequence
 
-from workbench.models import ModelLoadError
-
 log = logging.getLogger("workbench")
 
 EXIT_USAGE = 2
@@ -71,12 +69,17 @@ def load_from_args(args: argparse.Namespace):
 
 
 def format_results(results: dict) -> str:
-    """A small fixed-width table: task, metric, value."""
-    lines = [f"{'task':<20} {'metric':<12} {'value':>12}"]
+    """A small fixed-width table: task, metric, value, 95% interval (per-item scores left out)."""
+    from workbench.intervals import format_interval
+
+    lines = [f"{'task':<24} {'metric':<16} {'value':>12}  95% interval"]
     for task, figures in results.items():
         for metric, value in figures.items():
+            if isinstance(value, (list, dict)):
+                continue
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"{task:<20} {metric:<12} {shown:>12}")
+            interval = format_interval(figures.get(metric + "_ci"))
+            lines.append(f"{task:<24} {metric:<16} {shown:>12}  {interval}".rstrip())
     return "\n".join(lines)
 
 
@@ -86,9 +89,15 @@ def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="LAMBADA accuracy and WikiText-2 perplexity of a model")
     add_model_arguments(parser)
     parser.add_argument("--task", action="append", default=None,
-                        help=f"{', '.join(TASKS)} (repeat or comma-separate; default: lambada,wikitext2)")
+                        help=f"{', '.join(TASKS)}, zero-shot (the papers' 7 tasks) or any lm-eval task as "
+                        "lm-eval:NAME (repeat or comma-separate; default: lambada,wikitext2)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="first N LAMBADA passages / N WikiText-2 windows")
+                        help="first N LAMBADA passages / N WikiText-2 windows / N documents per lm-eval task")
+    parser.add_argument("--include-path", action="append", default=None,
+                        help="folder of lm-eval task YAMLs (local data; repeatable)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks")
+    parser.add_argument("--bos-per-window", action="store_true",
+                        help="BOS at the start of every perplexity window (Gemma-style models)")
     parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--seqlen", type=positive_int, default=512, help="perplexity window length")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
@@ -96,13 +105,14 @@ def _add_evaluate(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench.evaluate import TASKS, evaluate
+    from workbench.evaluate import check_tasks, evaluate
 
-    tasks = split_list(args.task) or ["lambada", "wikitext2"]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
+    tasks = check_tasks(split_list(args.task) or ["lambada", "wikitext2"])
     loaded = load_from_args(args)
+    if "wikitext2" in tasks:
+        from workbench.guards import check_seqlen
+
+        check_seqlen(loaded.model, args.seqlen, "--seqlen")
     results = evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -111,6 +121,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         seqlen=args.seqlen,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        bos_per_window=args.bos_per_window,
     )
     if args.json:
         emit_json({"model": loaded.source, "resolved": loaded.resolved, "dtype": loaded.dtype,
@@ -144,6 +157,12 @@ def _add_sweep(subparsers) -> None:
     parser.add_argument("--out", default=None,
                         help="run folder (resumed if it holds this sweep; default: a new folder "
                         "under $WORKBENCH_RUNS or ./runs)")
+    parser.add_argument("--backend", default="local", choices=["local", "ray"],
+                        help="local: this process; ray: one Ray task per point (--model must be loadable by "
+                        "every worker)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster: auto, ray://host:10001 (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--device", default="cpu", help="where each Ray task prunes and evaluates (cpu, cuda)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     parser.set_defaults(func=cmd_sweep)
 
@@ -161,27 +180,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                          seed=args.seed, tasks=tuple(split_list([args.tasks])), limit=args.limit,
                          ppl_windows=args.windows, eval_seqlen=args.eval_seqlen, mode=args.mode,
-                         allocation=args.allocation)
+                         allocation=args.allocation, backend=args.backend, device=args.device,
+                         **({"address": args.address} if args.address else {}))
     config.validate()  # before the model loads: bad input fails in a second
     if args.out is None:
         import datetime as dt
 
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         args.out = str(default_root() / f"{stamp}-sweep")
-    loaded = load_from_args(args)
-    table = run_sweep(loaded.model, loaded.tokenizer, config, run_dir=args.out,
-                      evaluate_fn=default_evaluator(loaded.tokenizer, config, args.data_dir),
-                      model_name=loaded.resolved)
+    if config.backend == "ray":  # the workers load the model; this process only collects rows
+        from workbench.ray_sweep import run_ray_sweep
+
+        table = run_ray_sweep(args.model, config, run_dir=args.out, dtype=args.dtype, revision=args.revision,
+                              trust_remote_code=args.trust_remote_code, data_dir=args.data_dir)
+    else:
+        loaded = load_from_args(args)
+        table = run_sweep(loaded.model, loaded.tokenizer, config, run_dir=args.out,
+                          evaluate_fn=default_evaluator(loaded.tokenizer, config, args.data_dir),
+                          model_name=loaded.resolved)
+    failed = table.attrs.get("failed", {})
     from workbench.runs import load_run
 
     run = load_run(args.out)
     if args.json:
         emit_json({"run": str(run.path), "status": run.status,
-                   "rows": summarize(table).to_dict(orient="records")})
+                   "rows": summarize(table).to_dict(orient="records"), "failed": failed})
     else:
         print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        for key, error in failed.items():
+            print(f"failed: {key}: {error}")
         print(f"run: {run.path} ({run.status})")
-    return 0
+    return 1 if failed else 0
 
 
 def _add_runs(subparsers) -> None:
@@ -263,7 +292,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from workbench.export import FORMATS, export_model
+    from workbench.export import FORMATS, export_destination, export_model
     from workbench.recipe import RECIPE_FILE, masks_match, read_recipe, reproduce
 
     formats = split_list(args.format) or ["masked"]
@@ -275,6 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         token = os.environ.get(args.token_env)  # never a command-line argument: shells keep history
         if not token:
             raise ValueError(f"--push-to needs a hub token in the environment variable {args.token_env}")
+    export_destination(args.root, args.name, args.overwrite, not args.no_zip, create=False)  # before any work
     recipe = read_recipe(args.recipe) if args.recipe else None
     result, carried, matched = None, None, None
     if recipe is not None:
@@ -318,17 +348,14 @@ _PRUNE_DEFAULTS = {"method": "sparsegpt", "pattern": "unstructured", "sparsity":
 def prune_from_recipe(args: argparse.Namespace) -> int:
     """`prune --recipe`: the recipe's model (unless --model names another), config and
     calibration; exits 1 when the masks differ from the ones the recipe recorded."""
-    from workbench.evaluate import TASKS, compare, evaluate
+    from workbench.evaluate import check_tasks, compare, evaluate
     from workbench.recipe import masks_match, read_recipe, reproduce
 
     changed = [f"--{k}" for k, v in _PRUNE_DEFAULTS.items() if getattr(args, k, v) != v]
     if changed:
         raise ValueError(f"--recipe fixes the prune config; drop {', '.join(changed)} (or edit the recipe)")
     recipe = read_recipe(args.recipe)
-    tasks = split_list([args.eval]) if args.eval else []
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r} in --eval: choose from {', '.join(TASKS)}")
+    tasks = check_tasks(split_list([args.eval])) if args.eval else []
     out = _check_out_folder(args.out, args.overwrite)
     if args.model == "default" and recipe.model.get("source"):
         args.model = recipe.model["source"]
@@ -344,7 +371,7 @@ def prune_from_recipe(args: argparse.Namespace) -> int:
     if tasks:
         sparse = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
     if out is not None:
-        save_model_folder(loaded.model, loaded.tokenizer, out)
+        save_model_folder(loaded.model, loaded.tokenizer, out, args.overwrite)
     summary = result.summary
     print(f"{recipe.config.method} {recipe.config.pattern} on {loaded.resolved} from {args.recipe}: "
           f"MLP {summary['mlp']:.4f}, element-wise over matmul {summary['matmul']:.4f}")
@@ -390,6 +417,9 @@ def _add_prune(subparsers) -> None:
                         "(flops), turned into the unit count that removes at least that much")
     parser.add_argument("--no-mask-tuning", action="store_true",
                         help="retrain-free: skip the least-squares refit of down/o (as INC)")
+    from workbench import cli_offload
+
+    cli_offload.add_arguments(parser)
     parser.add_argument("--slim", action="store_true",
                         help="channel/head patterns: physically remove the pruned units (smaller, faster)")
     parser.add_argument("--round-to", type=positive_int, default=None,
@@ -404,48 +434,29 @@ def _add_prune(subparsers) -> None:
 
 
 def _check_out_folder(out: str | None, overwrite: bool):
-    from pathlib import Path
+    """The preflight, before any loading or pruning: `--out` may be written (workbench.saving)."""
+    from workbench.saving import check_writable
 
-    if out is None:
-        return None
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
-    return path
+    return None if out is None else check_writable(out, overwrite)
 
 
-def save_model_folder(model, tokenizer, path) -> None:
-    """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename into place,
-    so an interrupted save never leaves a half-written folder at `path`."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+def save_model_folder(model, tokenizer, path, overwrite: bool = False):
+    """A model folder of ours, swapped in atomically (workbench.saving.save_model_folder)."""
+    from workbench import saving
 
-    from workbench.models import strip_quantizer
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        strip_quantizer(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return saving.save_model_folder(model, tokenizer, path, overwrite)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from workbench.evaluate import TASKS, compare, evaluate
+    from workbench import distributed
+    from workbench.evaluate import check_tasks, compare, evaluate
     from workbench.prune import PruneConfig, prune
 
     if args.recipe:
+        if distributed.launched_by_torchrun():
+            raise ValueError("--recipe reproduces a prune in one process: run it without torchrun")
         return prune_from_recipe(args)
     started = time.perf_counter()
     config = PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, scope=args.scope,
@@ -453,20 +464,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          seqlen=args.seqlen, seed=args.seed, device=args.device,
                          allocation=getattr(args, "allocation", "auto"),
                          budget=getattr(args, "budget", "units"),
-                         mask_tuning=False if getattr(args, "no_mask_tuning", False) else None)
+                         mask_tuning=False if getattr(args, "no_mask_tuning", False) else None,
+                         offload=getattr(args, "offload", "auto"))
     if not config.validate().structured and getattr(args, "slim", False):  # fails before the model loads
         raise ValueError("--slim removes whole channels or heads: use --pattern channel (scope mlp) or "
                          "--pattern head (scope attention)")
-    tasks = split_list([args.eval]) if args.eval else []
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r} in --eval: choose from {', '.join(TASKS)}")
-    out = _check_out_folder(args.out, args.overwrite)
+    from workbench import cli_offload
+
+    ranks = distributed.join_for_command(args.device)  # under torchrun: rank 0 evaluates and writes
+    status = cli_offload.prune_command(args, config, emit_json)  # prints the memory estimate
+    if status is not None:  # pruned out of core
+        return status
+    tasks = check_tasks(split_list([args.eval])) if args.eval else []
+    out = _check_out_folder(args.out, args.overwrite) if ranks.is_main else None
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+    if not ranks.is_main:
+        tasks = []
 
     loaded = load_from_args(args)
     seconds = {}
@@ -475,7 +492,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         dense = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
         seconds["evaluate_dense"] = time.perf_counter() - t0
-    result = prune(loaded.model, config, tokenizer=loaded.tokenizer)
+    calibration = None
+    if args.data_dir is not None and config.uses_calibration:  # calibration files come from --data-dir too
+        from workbench.data import load_calibration
+        from workbench.guards import check_seqlen
+
+        check_seqlen(loaded.model, config.seqlen, "--seqlen")
+        calibration = load_calibration(loaded.tokenizer, config.calibration, nsamples=config.nsamples,
+                                       seqlen=config.seqlen, seed=config.seed, data_dir=args.data_dir)
+    result = prune(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer)
     seconds["prune"] = result.seconds
     if tasks:
         t0 = time.perf_counter()
@@ -494,7 +519,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
               + ("" if slimmed.stock_loadable else " (reload with workbench.slim.load_slimmed)"))
     if out is not None:
         t0 = time.perf_counter()
-        save_model_folder(loaded.model, loaded.tokenizer, out)
+        save_model_folder(loaded.model, loaded.tokenizer, out, args.overwrite)
         seconds["save"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
@@ -528,12 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from workbench.cli_checks import check_options, report_failure
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_options(build_parser(), argv, args)  # options this command would ignore
         return int(args.func(args) or 0)
-    except (ModelLoadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except (Exception, KeyboardInterrupt) as error:  # user errors: one line, exit 2; bugs: a log, exit 1
+        return report_failure(error, argv)

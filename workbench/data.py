@@ -13,12 +13,15 @@ When no local file serves, the same data comes from the hub through `datasets.lo
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from workbench.errors import FILE_READ_ERRORS, DataError, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +117,66 @@ def _hub_dataset(what: str, **kwargs):
         ) from error
 
 
+def _first_bad_line(path: Path, json_lines: bool) -> str | None:
+    """Why a text or JSON-lines file cannot be read, naming its first bad line; None if none is."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (f"{path} is not UTF-8 text: line {number} has the byte 0x{raw[bad.start]:02x} "
+                        f"at column {bad.start + 1}. Save it as UTF-8 (Latin-1 text: iconv -f latin1 "
+                        "-t utf-8 FILE), or check that it is a text file at all")
+            if json_lines and line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as bad:
+                    return (f"{path} line {number} is not valid JSON ({bad}); each line of a .jsonl file "
+                            'must be one JSON object such as {"text": "..."}: fix or delete that line')
+                if not isinstance(row, dict):
+                    return (f"{path} line {number} is a JSON {type(row).__name__}, not an object with a "
+                            '"text" field such as {"text": "..."}')
+    return None
+
+
+def _check_rows(path: Path, rows: list) -> list[str]:
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, str):
+            what = "no 'text' field" if row is None else f"a 'text' field of type {type(row).__name__}"
+            raise DataError(f"{path}: row {number} has {what}, where every row needs a string of "
+                            "text; fix or delete that row")
+    return rows
+
+
 def _text_rows(path: Path) -> list[str]:
     """Rows of a .txt/.raw/.tokens file (one per line) or the `text` field of a .jsonl/.json file."""
     from datasets import load_dataset
 
     suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        dataset = load_dataset("json", data_files=str(path), split="train")
-        if "text" not in dataset.column_names:
-            raise ValueError(f"{path} has no 'text' field (fields: {dataset.column_names})")
-        return list(dataset["text"])
-    if suffix in TEXT_SUFFIXES:
-        return list(load_dataset("text", data_files=str(path), split="train")["text"])
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .json")
+    if suffix not in JSON_SUFFIXES + TEXT_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .json")
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({describe_error(error)})") from error
+    if empty:
+        raise DataError(f"{path} is empty: give a file with text in it")
+    try:
+        if suffix in JSON_SUFFIXES:
+            dataset = load_dataset("json", data_files=str(path), split="train")
+            if "text" not in dataset.column_names:
+                raise DataError(f"{path} has no 'text' field (fields: {dataset.column_names})")
+            return _check_rows(path, list(dataset["text"]))
+        return _check_rows(path, list(load_dataset("text", data_files=str(path), split="train")["text"]))
+    except DataError:
+        raise
+    except (*FILE_READ_ERRORS, StopIteration) as error:
+        why = _first_bad_line(path, json_lines=suffix == ".jsonl")
+        if why is None and suffix == ".json":
+            why = (f"{path} is not a JSON file that holds rows with a 'text' field (a list of "
+                   '{"text": "..."} objects, or one JSON object per line in a .jsonl file)')
+        raise DataError(why or f"{path} cannot be read as {suffix} text ({describe_error(error)}); "
+                        "check that it is a complete UTF-8 text file") from error
 
 
 def _local_rows(path: Path) -> list[str]:
@@ -135,7 +185,7 @@ def _local_rows(path: Path) -> list[str]:
             p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSON_SUFFIXES
         )
         if not files:
-            raise ValueError(f"{path} holds no .txt, .jsonl or .json files")
+            raise DataError(f"{path} holds no .txt, .jsonl or .json files")
         return [row for f in files for row in _text_rows(f)]
     return _text_rows(path)
 
@@ -166,7 +216,7 @@ def calibration_text(source: str, budget_chars: int | None = None, data_dir=None
     path = Path(source).expanduser()
     if not path.exists():
         names = ", ".join(CALIBRATION_SOURCES)
-        raise ValueError(f"unknown calibration source {source!r}: use one of {names}, or a .txt/.jsonl path")
+        raise DataError(f"unknown calibration source {source!r}: use one of {names}, or a .txt/.jsonl path")
     return _join_until(_local_rows(path), budget), str(path)
 
 
@@ -190,7 +240,7 @@ def load_calibration(
     text, origin = calibration_text(source, nsamples * seqlen * _CHARS_PER_TOKEN_BUDGET, data_dir)
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < seqlen:
-        raise ValueError(
+        raise DataError(
             f"calibration text from {origin} has {ids.numel()} tokens, fewer than one window of "
             f"{seqlen}; give more text or a smaller seqlen"
         )
@@ -216,7 +266,13 @@ def load_lambada(data_dir: str | Path | None = None, limit: int | None = None) -
     else:
         hub = CALIBRATION_SOURCES["lambada"][1]
         texts = list(_hub_dataset("LAMBADA", **hub)["text"])
-    return texts[:limit] if limit is not None else texts
+    texts = texts[:limit] if limit is not None else texts
+    for number, text in enumerate(texts, 1):
+        if not isinstance(text, str) or len(text.split()) < 2:
+            raise DataError(f"LAMBADA passage {number} ({str(text)[:40]!r}) from {path or 'the hub'} "
+                            "has no context before its last word: every passage needs at least two "
+                            "words; fix or delete that row")
+    return texts
 
 
 def load_wikitext2_test(data_dir: str | Path | None = None) -> str:

@@ -13,15 +13,25 @@ rounding, ~1e-6).
 - `last_token_accuracy` is the "last token accuracy" of the retrain-free pruning results: tokenize
   the whole passage (the tokenizer's own special tokens included) and predict its last token.
 - `perplexity` is the SparseGPT/Wanda convention: non-overlapping windows of `seqlen` tokens,
-  exp of the mean of each window's mean next-token NLL.
+  exp of the mean of each window's mean next-token NLL (optionally BOS at every window).
+- `lm-eval:<task>` is any lm-eval task, run in process on the model in memory
+  (`workbench.lmeval`); `zero-shot` is the papers' seven-task suite plus its mean.
+
+Every result keeps its per-item scores ("items": 0/1 "accuracy" and/or "nll" per passage, window
+or document; "item_ids") and intervals (`workbench.intervals`), so `compare` can pair two models
+item by item. The LM head never runs on a whole batch: the model is run to its final hidden
+states and the head + log-softmax are applied to a bounded number of positions at a time
+(`LOGITS_CHUNK_BYTES`), so a 262k-token vocabulary costs about the memory of a 49k one.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -30,11 +40,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench.data import load_lambada, load_wikitext2_test, tokenize_text
+from workbench.intervals import (
+    Paired,
+    accuracy_summary,
+    format_interval,
+    paired_accuracy,
+    paired_perplexity,
+    paired_task_mean,
+    perplexity_summary,
+    task_mean_summary,
+)
+from workbench.lmeval import ZERO_SHOT
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]  # (fraction done, message); gr.Progress fits
 TASKS = ("lambada", "lambada-last-token", "wikitext2")
+# A preset runs its member tasks and adds their mean accuracy under its own name.
+PRESETS = {"zero-shot": tuple("lm-eval:" + name for name in ZERO_SHOT)}
 METRIC_LABELS = {
     ("lambada", "accuracy"): "LAMBADA last-word accuracy",
     ("lambada", "perplexity"): "LAMBADA last-word perplexity",
@@ -42,6 +65,8 @@ METRIC_LABELS = {
     ("wikitext2", "perplexity"): "WikiText-2 perplexity",
 }
 _COMPARED_METRICS = ("accuracy", "perplexity")
+COMPARE_COLUMNS = ["metric", "dense", "sparse", "relative drop (%)"]
+INTERVAL_COLUMNS = ["dense 95% CI", "sparse 95% CI", "difference", "difference 95% CI", "significant"]
 
 
 def _device_of(model) -> torch.device:
@@ -94,6 +119,140 @@ def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, positions: list[int
         keep = torch.as_tensor(positions, device=ids.device)
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     return model(input_ids=ids, attention_mask=mask).logits[:, positions]
+
+
+# Full-vocabulary logits are never built for a whole batch: the LM head runs on at most this many
+# bytes of float32 logits at a time (a 262k vocabulary gets fewer positions per chunk than 49k).
+LOGITS_CHUNK_BYTES = 64 * 2**20
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> head can be split off
+
+
+class _HiddenCaptured(Exception):
+    """Raised by the LM head's pre-hook to stop a forward once the final hidden states are in."""
+
+
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What some families do to the LM head's output (Gemma soft-capping, Cohere and Granite scales)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            logits = logits * scale
+        if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
+            logits = logits / divisor
+        if isinstance(cap, (int, float)) and cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def _final_hidden(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The hidden states the LM head would see, (batch, seq, hidden), without running the head;
+    None when the model has no separate head module to stop at."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module, args):
+        captured["hidden"] = args[0]
+        raise _HiddenCaptured
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    except _HiddenCaptured:
+        pass
+    finally:
+        handle.remove()
+    return captured.get("hidden")
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a few hidden-state rows (..., hidden) -> (..., vocab)."""
+    return _logit_transform(model.config)(model.get_output_embeddings()(hidden)).float()
+
+
+def _positions_per_chunk(model) -> int:
+    get_head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get_head() if callable(get_head) else None, "weight", None)
+    vocab = int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size", 0) or 1)
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+
+
+def _head_splits(model, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether head(final hidden) reproduces the model's own logits; checked once per model on a
+    few positions of the first row, so a family with an unknown post-head step falls back."""
+    if model in _HEAD_CHECKED:
+        return _HEAD_CHECKED[model]
+    length = int(mask[0].sum().clamp(min=1, max=min(8, _positions_per_chunk(model))))  # within the budget
+    row, row_mask = ids[:1, :length], mask[:1, :length]
+    hidden = _final_hidden(model, row, row_mask)
+    ok = False
+    if hidden is not None:
+        full = model(input_ids=row, attention_mask=row_mask).logits.float()
+        split = _head_logits(model, hidden)
+        # bf16/fp16 matmuls of a different shape round differently; a missed post-head step
+        # (soft-capping, a scale) is far larger than either tolerance
+        tolerance = 1e-4 if hidden.dtype == torch.float32 else 5e-2
+        ok = full.shape == split.shape and torch.allclose(split, full, rtol=tolerance, atol=tolerance)
+    if not ok:
+        log.warning("%s: the LM head cannot be split off; evaluating with full logits per batch",
+                    type(model).__name__)
+    try:
+        _HEAD_CHECKED[model] = ok
+    except TypeError:  # not weak-referenceable: check again next time
+        pass
+    return ok
+
+
+def _score_tokens(model, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], positions: list[int],
+                  targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of token targets[i] at (rows[i], positions[i]) and whether it is the argmax.
+
+    The LM head and log-softmax run on a bounded number of positions at a time."""
+    target = torch.as_tensor(targets, device=ids.device)
+    if _head_splits(model, ids, mask):
+        hidden = _final_hidden(model, ids, mask)
+        picked = hidden[torch.as_tensor(rows, device=ids.device), torch.as_tensor(positions, device=ids.device)]
+        step = _positions_per_chunk(model)
+        logprobs, greedy = [], []
+        for start in range(0, len(targets), step):
+            logits = _head_logits(model, picked[start : start + step])
+            chunk_target = target[start : start + step]
+            greedy.append(logits.argmax(dim=-1) == chunk_target)
+            logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, chunk_target[:, None])[:, 0])
+        return torch.cat(logprobs), torch.cat(greedy)
+    union = sorted(set(positions))
+    column_of = {position: column for column, position in enumerate(union)}
+    logits = _logits_at(model, ids, mask, union)
+    scores = logits[torch.as_tensor(rows), torch.as_tensor([column_of[p] for p in positions])].float()
+    logprobs = F.log_softmax(scores, dim=-1).gather(-1, target[:, None])[:, 0]
+    return logprobs, scores.argmax(dim=-1) == target
+
+
+def _window_nll(model, inputs: torch.Tensor) -> list[float]:
+    """Mean next-token NLL of each full row of `inputs` (no padding), head applied in chunks."""
+    mask = torch.ones_like(inputs)
+    if not _head_splits(model, inputs, mask):
+        logits = model(input_ids=inputs, attention_mask=mask).logits
+        return [F.cross_entropy(logits[row, :-1].float(), inputs[row, 1:], reduction="mean").item()
+                for row in range(inputs.shape[0])]
+    hidden = _final_hidden(model, inputs, mask)
+    step = _positions_per_chunk(model)
+    out = []
+    for row in range(inputs.shape[0]):
+        total, count = 0.0, inputs.shape[1] - 1
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            logits = _head_logits(model, hidden[row, start:stop])
+            total += F.cross_entropy(logits, inputs[row, start + 1 : stop + 1], reduction="sum").item()
+        out.append(total / count)
+    return out
 
 
 def _batches(order: list[int], batch_size: int) -> Iterable[list[int]]:
@@ -227,44 +386,49 @@ def _lambada(
     reporter = _Reporter(len(sequences), desc, progress, "seq")
     for batch in _batches(order, batch_size):
         ids, mask = _right_padded([sequences[i] for i in batch], pad_id, device)
-        # Only the target positions are scored: the LM head and the logits tensor shrink from
-        # every position of the batch to the union of those few.
-        positions = sorted({first + k for i in batch for _, _, first, targets in jobs[i]
-                            for k in range(len(targets))})
-        column_of = {position: column for column, position in enumerate(positions)}
-        logits = _logits_at(model, ids, mask, positions)
+        # Only the target positions are scored: the LM head runs on those few hidden states.
+        rows, positions, targets, spans = [], [], [], []
         for row, sequence_index in enumerate(batch):
             for metric, passage, first, target_ids in jobs[sequence_index]:
-                target = torch.as_tensor(target_ids, device=device)
-                columns = [column_of[first + k] for k in range(len(target_ids))]
-                scores = logits[row, columns].float()
-                greedy = bool((scores.argmax(dim=-1) == target).all())
-                if metric == "token":
-                    token_correct[passage] = greedy
-                    continue
-                logprobs = F.log_softmax(scores, dim=-1)
-                loglikelihoods[passage] = logprobs.gather(-1, target[:, None]).sum().item()
-                word_correct[passage] = greedy
+                spans.append((metric, passage, len(targets), len(target_ids)))
+                rows += [row] * len(target_ids)
+                positions += [first + k for k in range(len(target_ids))]
+                targets += list(target_ids)
+        logprobs, hits = _score_tokens(model, ids, mask, rows, positions, targets)
+        for metric, passage, start, count in spans:
+            greedy = bool(hits[start : start + count].all())
+            if metric == "token":
+                token_correct[passage] = greedy
+                continue
+            loglikelihoods[passage] = logprobs[start : start + count].sum().item()
+            word_correct[passage] = greedy
         reporter.update(len(batch))
     reporter.close()
 
     seconds = time.perf_counter() - started
     tokens = sum(len(s) for s in sequences)
     results = {}
+    item_ids = list(range(len(texts)))
     if last_word:
+        nll = [-value for value in loglikelihoods]
         results["lambada"] = {
-            "accuracy": sum(word_correct) / len(texts),
-            "perplexity": math.exp(-sum(loglikelihoods) / len(texts)),
+            **accuracy_summary([float(c) for c in word_correct]),
+            **perplexity_summary(nll),
             "n": len(texts),
             "tokens": tokens,
             "seconds": seconds,
+            "items": {"accuracy": [float(c) for c in word_correct], "nll": nll},
+            "item_ids": item_ids,
         }
+        results["lambada"]["perplexity"] = math.exp(-sum(loglikelihoods) / len(texts))
     if last_token:
         results["lambada-last-token"] = {
-            "accuracy": sum(token_correct) / len(texts),
+            **accuracy_summary([float(c) for c in token_correct]),
             "n": len(texts),
             "tokens": tokens,
             "seconds": seconds,
+            "items": {"accuracy": [float(c) for c in token_correct]},
+            "item_ids": item_ids,
         }
     return results
 
@@ -278,34 +442,63 @@ def perplexity(
     batch_size: int = 8,
     limit: int | None = None,
     progress: Progress | None = None,
+    bos_per_window: bool = False,
 ) -> dict:
-    """Token-level perplexity over non-overlapping `seqlen` windows (the last partial one dropped)."""
+    """Token-level perplexity over non-overlapping `seqlen` windows (the last partial one dropped).
+
+    Default (SparseGPT/Wanda): the text is tokenized once with the tokenizer's own special tokens
+    and cut into windows of `seqlen` tokens. `bos_per_window=True` (what Gemma-style models need):
+    every window is BOS + `seqlen - 1` text tokens. Either way each window scores its
+    `seqlen - 1` next-token predictions. The result's "convention" says which was used.
+    """
     started = time.perf_counter()
-    ids = tokenize_text(tokenizer, text, add_special_tokens=True)
-    windows = ids.numel() // seqlen
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos_per_window:
+        if bos is None:
+            raise ValueError("per-window BOS needs a tokenizer with a BOS token; this one has none: "
+                             "use the default window convention")
+        ids = tokenize_text(tokenizer, text, add_special_tokens=False)
+        if ids.numel() and int(ids[0]) == bos:
+            ids = ids[1:]
+        stride = seqlen - 1
+    else:
+        ids = tokenize_text(tokenizer, text, add_special_tokens=True)
+        stride = seqlen
+    windows = ids.numel() // stride
     if windows == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if limit is not None:
         windows = min(windows, limit)
     device = _device_of(model)
-    all_windows = ids[: windows * seqlen].view(windows, seqlen)
-    window_nll = []
+    all_windows = ids[: windows * stride].view(windows, stride)
+    if bos_per_window:
+        all_windows = torch.cat([torch.full((windows, 1), int(bos), dtype=all_windows.dtype), all_windows], dim=1)
+    window_nll: list[float] = []
     reporter = _Reporter(windows, f"perplexity ({seqlen}-token windows)", progress, "window")
     for batch in _batches(list(range(windows)), batch_size):
-        inputs = all_windows[batch].to(device)
-        logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
-        for row in range(len(batch)):  # one row at a time keeps the float32 copy of logits small
-            nll = F.cross_entropy(logits[row, :-1].float(), inputs[row, 1:], reduction="mean")
-            window_nll.append(nll.item())
+        window_nll += _window_nll(model, all_windows[batch].to(device))
         reporter.update(len(batch))
     reporter.close()
     return {
+        **perplexity_summary(window_nll),
         "perplexity": math.exp(sum(window_nll) / len(window_nll)),
         "windows": windows,
         "seqlen": seqlen,
         "tokens": windows * seqlen,
+        "convention": window_convention(seqlen, bos_per_window),
         "seconds": time.perf_counter() - started,
+        "items": {"nll": window_nll},
+        "item_ids": list(range(windows)),
     }
+
+
+def window_convention(seqlen: int, bos_per_window: bool) -> str:
+    """How a perplexity figure's windows were built, to print next to it."""
+    if bos_per_window:
+        return f"{seqlen}-token windows, BOS at the start of every window"
+    return f"{seqlen}-token windows, no per-window BOS (SparseGPT/Wanda)"
 
 
 def _task_progress(progress: Progress | None, position: int, count: int) -> Progress | None:
@@ -313,6 +506,31 @@ def _task_progress(progress: Progress | None, position: int, count: int) -> Prog
     if progress is None:
         return None
     return lambda fraction, message: progress((position + fraction) / count, message)
+
+
+def check_tasks(names: Sequence[str]) -> list[str]:
+    """Validate task names; returns them with presets expanded (the preset's own name follows its
+    members, for the mean). Our tasks, `lm-eval:<task>` (any lm-eval task, checked when it runs)
+    and the `zero-shot` preset. Unknown names raise, listing close matches."""
+    from workbench.lmeval import PREFIX
+
+    resolved: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if name in PRESETS:
+            members = list(PRESETS[name])
+        elif name in TASKS or (name.startswith(PREFIX) and len(name) > len(PREFIX)):
+            members = []
+        else:
+            known = [*TASKS, *PRESETS]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise ValueError(f"unknown task {name!r}{hint}: choose from {', '.join(known)}, or any lm-eval task "
+                             f"as {PREFIX}<name> (e.g. {PREFIX}{name or 'hellaswag'})")
+        for task in [*members, name]:
+            if task not in resolved:
+                resolved.append(task)
+    return resolved
 
 
 def evaluate(
@@ -324,25 +542,44 @@ def evaluate(
     batch_size: int | None = None,
     seqlen: int = 512,
     progress: Progress | None = None,
+    bos_per_window: bool = False,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    num_fewshot: int | None = None,
 ) -> dict:
-    """Run the named tasks; `limit` caps LAMBADA passages and WikiText-2 windows.
+    """Run the named tasks; `limit` caps LAMBADA passages, WikiText-2 windows and lm-eval documents.
 
-    Returns {task: figures}: "lambada" (last word), "lambada-last-token", "wikitext2". When both
-    LAMBADA metrics are asked for they share their forward passes, and "seconds" is the shared time.
+    Returns {task: figures}: "lambada" (last word), "lambada-last-token", "wikitext2",
+    "lm-eval:<task>" for any lm-eval task (`include_path`: folders of extra task YAMLs), and
+    "zero-shot" (the papers' seven tasks and their mean accuracy). When both LAMBADA metrics are
+    asked for they share their forward passes, and "seconds" is the shared time. Every figure
+    comes with its interval ("accuracy_stderr", "accuracy_ci", "perplexity_ci") and the per-item
+    scores behind it ("items", "item_ids"), which `compare` pairs. `bos_per_window` puts a BOS
+    token at the start of every perplexity window (see `perplexity`).
     """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
+    from workbench.lmeval import PREFIX, run_tasks
+
+    tasks = check_tasks(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     results = {}
+    lm_eval_names = [t[len(PREFIX):] for t in tasks if t.startswith(PREFIX)]
     for position, task in enumerate(tasks):
         step = _task_progress(progress, position, len(tasks))
-        if task in ("lambada", "lambada-last-token"):
-            if task in results:  # already computed together with the other LAMBADA metric
-                continue
+        if task in results:  # computed together with another task
+            continue
+        if task in PRESETS:
+            results[task] = _preset_mean(task, results)
+        elif task.startswith(PREFIX):
+            if any(name.startswith(PREFIX) for name in results):
+                continue  # a group's name: its tasks ran with the others
+            # all lm-eval tasks in one go: names and data are checked before any model work
+            found = run_tasks(model, tokenizer, lm_eval_names, limit=limit, include_path=include_path,
+                              data_dir=data_dir, batch_size=batch_size or 8, num_fewshot=num_fewshot,
+                              progress=step)
+            results.update({PREFIX + leaf: figures for leaf, figures in found.items()})
+        elif task in ("lambada", "lambada-last-token"):
             both = {"lambada", "lambada-last-token"} <= set(tasks)
             results.update(
                 _lambada(
@@ -359,10 +596,21 @@ def evaluate(
         else:
             text = load_wikitext2_test(data_dir)
             results[task] = perplexity(
-                model, tokenizer, text, seqlen=seqlen, batch_size=batch_size or 8, limit=limit, progress=step
+                model, tokenizer, text, seqlen=seqlen, batch_size=batch_size or 8, limit=limit, progress=step,
+                bos_per_window=bos_per_window,
             )
-        log.info("%s: %s", task, results[task])
+        if task in results:
+            log.info("%s: %s", task, {k: v for k, v in results[task].items() if k not in ("items", "item_ids")})
     return results
+
+
+def _preset_mean(name: str, results: dict) -> dict:
+    members = [t for t in PRESETS[name] if t in results and "items" in results[t]]
+    per_task = [results[t]["items"]["accuracy"] for t in members if "accuracy" in results[t]["items"]]
+    if not per_task:
+        raise ValueError(f"{name}: none of its tasks produced an accuracy")
+    return {**task_mean_summary(per_task), "tasks": members, "n": sum(len(items) for items in per_task),
+            "seconds": sum(results[t].get("seconds", 0.0) for t in members)}
 
 
 def _flat_metrics(results: dict) -> dict[tuple[str, str], float]:
@@ -378,15 +626,68 @@ def _flat_metrics(results: dict) -> dict[tuple[str, str], float]:
     return {("", metric): value for metric, value in results.items() if metric in _COMPARED_METRICS}
 
 
+def _same_items(a: dict, b: dict, task: str, strict: bool) -> bool:
+    if a.get("item_ids") == b.get("item_ids"):
+        return True
+    message = f"{task}: the two results were scored on different items, so they cannot be paired"
+    if strict:
+        raise ValueError(message + ": evaluate both on the same data and limit")
+    log.warning(message)
+    return False
+
+
+def paired_differences(reference: dict, other: dict, strict: bool = False) -> dict[tuple[str, str], Paired]:
+    """{(task, metric): Paired} for every accuracy/perplexity both results kept per-item scores for
+    (evaluate()'s "items"); a preset's mean is paired task by task. `strict`: items that differ
+    raise instead of being skipped."""
+    out: dict[tuple[str, str], Paired] = {}
+    for task, a in reference.items():
+        b = other.get(task)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        if task in PRESETS:
+            members = [t for t in a.get("tasks", []) if t in b.get("tasks", [])]
+            pairs = [(reference[t]["items"]["accuracy"], other[t]["items"]["accuracy"]) for t in members
+                     if "items" in reference.get(t, {}) and "items" in other.get(t, {})
+                     and _same_items(reference[t], other[t], t, strict)]
+            if pairs:
+                out[(task, "accuracy")] = paired_task_mean(pairs)
+            continue
+        items_a, items_b = a.get("items") or {}, b.get("items") or {}
+        if not items_a or not items_b or not _same_items(a, b, task, strict):
+            continue
+        if "accuracy" in items_a and "accuracy" in items_b:
+            out[(task, "accuracy")] = paired_accuracy(items_a["accuracy"], items_b["accuracy"])
+        if "nll" in items_a and "nll" in items_b:
+            out[(task, "perplexity")] = paired_perplexity(items_a["nll"], items_b["nll"])
+    return out
+
+
+def metric_label(task: str, metric: str, figures: dict | None = None) -> str:
+    """"WikiText-2 perplexity", "lm-eval:hellaswag accuracy"; a perplexity's window convention follows it."""
+    label = METRIC_LABELS.get((task, metric), f"{task} {metric}".strip())
+    convention = (figures or {}).get("convention")
+    return f"{label} ({convention})" if metric == "perplexity" and convention else label
+
+
 def compare(dense: dict, sparse: dict):
     """The seed's table shape: metric, dense, sparse, relative drop in % ((sparse-dense)/dense).
 
     The sign follows the seed tables: +1.50% means the sparse figure is higher. For accuracy that
     is better, for perplexity worse.
+
+    When the results carry intervals and per-item scores (evaluate() keeps them), more columns
+    follow: each side's 95% interval, the paired difference (sparse - dense) with its 95%
+    interval, and whether the difference is significant (exact McNemar for accuracies, paired
+    bootstrap for perplexity; identical scores never are).
     """
     import pandas as pd
 
     dense_flat, sparse_flat = _flat_metrics(dense), _flat_metrics(sparse)
+    nested = any(isinstance(v, dict) for v in dense.values())
+    paired = paired_differences(dense, sparse) if nested else {}
+    with_intervals = nested and any(f"{m}_ci" in f for f in dense.values() if isinstance(f, dict)
+                                    for m in _COMPARED_METRICS)
     rows = []
     for key, dense_value in dense_flat.items():
         if key not in sparse_flat:
@@ -394,6 +695,39 @@ def compare(dense: dict, sparse: dict):
         task, metric = key
         sparse_value = sparse_flat[key]
         drop = (sparse_value - dense_value) / dense_value * 100 if dense_value else float("nan")
-        label = METRIC_LABELS.get(key, f"{task} {metric}".strip())
-        rows.append({"metric": label, "dense": dense_value, "sparse": sparse_value, "relative drop (%)": drop})
-    return pd.DataFrame(rows, columns=["metric", "dense", "sparse", "relative drop (%)"])
+        figures = dense.get(task) if nested else None
+        row = {"metric": metric_label(task, metric, figures), "dense": dense_value, "sparse": sparse_value,
+               "relative drop (%)": drop}
+        if with_intervals:
+            pair = paired.get(key)
+            row.update({
+                "dense 95% CI": format_interval((figures or {}).get(f"{metric}_ci")),
+                "sparse 95% CI": format_interval(sparse.get(task, {}).get(f"{metric}_ci")),
+                "difference": pair.difference if pair else float("nan"),
+                "difference 95% CI": format_interval(pair.ci) if pair else "",
+                "significant": (pair.significant if pair else None),
+            })
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COMPARE_COLUMNS + (INTERVAL_COLUMNS if with_intervals else []))
+
+
+def item_scores(results: dict) -> dict:
+    """What each figure of evaluate()'s result was scored on: {task: {"item_ids", "items"}} (a
+    preset keeps its "tasks"). Small enough to store beside a sweep point, enough to pair it."""
+    kept = {}
+    for task, figures in results.items():
+        if isinstance(figures, dict) and ("items" in figures or "tasks" in figures):
+            kept[task] = {k: figures[k] for k in ("item_ids", "items", "tasks") if k in figures}
+    return kept
+
+
+def paired_columns(reference: dict, other: dict) -> dict:
+    """Flat sweep-table columns of `other` against `reference` (evaluate() results or
+    item_scores): "task/metric_diff", "_diff_lo", "_diff_hi" and "_significant". Items that
+    differ raise: a sweep point must be scored on the dense model's items."""
+    columns: dict = {}
+    for (task, metric), pair in paired_differences(reference, other, strict=True).items():
+        prefix = f"{task}/{metric}"
+        columns.update({f"{prefix}_diff": pair.difference, f"{prefix}_diff_lo": pair.ci[0],
+                        f"{prefix}_diff_hi": pair.ci[1], f"{prefix}_significant": pair.significant})
+    return columns

@@ -96,6 +96,12 @@ def sparsity_section(summary: dict, table: pd.DataFrame | None) -> list[str]:
     return lines
 
 
+INTERVAL_NOTE = ("Intervals: accuracy with its standard error as lm-eval defines it and a 95% Wilson "
+                 "interval; perplexity with a 95% bootstrap interval over windows/passages. The difference "
+                 "is paired (both models scored on the same items): a paired bootstrap interval, and for "
+                 "accuracies an exact McNemar test decides `significant` (p < 0.05).")
+
+
 def _evaluation_pair(evaluation: dict) -> tuple[dict | None, dict | None]:
     dense = evaluation.get("dense")
     sparse = evaluation.get("sparse", evaluation.get("pruned"))
@@ -108,25 +114,45 @@ def evaluation_section(evaluation: dict | None) -> list[str]:
     if not evaluation:
         return ["## Evaluation", "", "Not evaluated in this export.", ""]
     from workbench.evaluate import compare
+    from workbench.intervals import format_interval
 
     dense, sparse = _evaluation_pair(evaluation)
     lines = ["## Evaluation", ""]
     if dense and sparse:
         table = compare(dense, sparse)
-        lines += ["| metric | dense | pruned | relative drop |", "| :--- | ---: | ---: | ---: |"]
+        intervals = "difference 95% CI" in table.columns
+        if intervals:
+            lines += ["| metric | dense (95% CI) | pruned (95% CI) | relative drop | difference (95% CI) "
+                      "| significant |", "| :--- | ---: | ---: | ---: | ---: | :---: |"]
+        else:
+            lines += ["| metric | dense | pruned | relative drop |", "| :--- | ---: | ---: | ---: |"]
         for row in table.itertuples(index=False):
             drop = row[3]
             shown = f"{drop:+.2f}%" if isinstance(drop, float) and math.isfinite(drop) else "n/a"
-            lines.append(f"| {row[0]} | {_fmt(row[1])} | {_fmt(row[2])} | {shown} |")
+            if intervals:
+                verdict = {True: "yes", False: "no"}.get(row[8], "n/a")
+                difference = f"{_fmt(row[6])} {row[7]}" if row[7] else "n/a"
+                lines.append(f"| {row[0]} | {_fmt(row[1])} {row[4]} | {_fmt(row[2])} {row[5]} | {shown} "
+                             f"| {difference} | {verdict} |")
+            else:
+                lines.append(f"| {row[0]} | {_fmt(row[1])} | {_fmt(row[2])} | {shown} |")
         lines += ["", "Relative drop is (pruned - dense) / dense: negative is worse for accuracy, "
                   "positive is worse for perplexity."]
+        if intervals:
+            lines += ["", INTERVAL_NOTE]
     else:
-        lines += ["| task | metric | pruned |", "| :--- | :--- | ---: |"]
-        for task, figures in (sparse or dense or {}).items():
-            if isinstance(figures, dict):
-                for metric in ("accuracy", "perplexity"):
-                    if metric in figures:
-                        lines.append(f"| {task} | {metric} | {_fmt(figures[metric])} |")
+        figures_of = {task: figures for task, figures in (sparse or dense or {}).items() if isinstance(figures, dict)}
+        intervals = any(f"{m}_ci" in f for f in figures_of.values() for m in ("accuracy", "perplexity"))
+        lines += ["| task | metric | pruned | 95% CI |" if intervals else "| task | metric | pruned |",
+                  "| :--- | :--- | ---: | ---: |" if intervals else "| :--- | :--- | ---: |"]
+        for task, figures in figures_of.items():
+            for metric in ("accuracy", "perplexity"):
+                if metric in figures:
+                    ci = f" {format_interval(figures.get(metric + '_ci'))} |" if intervals else ""
+                    lines.append(f"| {task} | {metric} | {_fmt(figures[metric])} |{ci}")
+        conventions = {task: f["convention"] for task, f in figures_of.items() if f.get("convention")}
+        if conventions:
+            lines += ["", "Perplexity windows: " + "; ".join(f"{t}: {c}" for t, c in conventions.items()) + "."]
     limits = {f"{task}": figures.get("n", figures.get("windows"))
               for task, figures in (sparse or dense or {}).items() if isinstance(figures, dict)}
     limits = {k: v for k, v in limits.items() if v is not None}

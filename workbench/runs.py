@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -29,13 +28,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from workbench.errors import WorkbenchError
+from workbench.saving import clean_stale, create_temp_file, unwritable, write_marker
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 STATUSES = ("running", "done", "failed", "stopped")
 
 
-class RunError(ValueError):
+class RunError(WorkbenchError):
     """A run folder cannot be created, resumed or read; the message says why and what to do."""
 
 
@@ -80,8 +82,7 @@ def _jsonable(obj):
 def _atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename the temporary file over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp_file(path)  # usual permissions; a kill's leftover is cleaned on resume
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -217,16 +218,22 @@ def open_run(path: str | Path, kind: str, config: dict, resume: bool = True) -> 
         if run.kind != kind or run.config != config:
             raise RunError(f"{path} holds a {run.kind} run with a different config; choose "
                            "another folder or delete that one to start over")
+        clean_stale(path)
+        clean_stale(path / "points")
         run.update(status="running", error=None, resumed=_now())
         run.log("resumed")
         return run
     if path.exists() and any(path.iterdir()):
         raise RunError(f"{path} exists and is not a run folder (no {RUN_FILE}); choose an empty "
                        "or new folder")
-    path.mkdir(parents=True, exist_ok=True)
     run = Run(path, {"kind": kind, "status": "running", "created": _now(), "config": config,
                      "versions": library_versions(), "data": {}, "error": None})
-    run._write_meta()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path, "run")  # ours: a save never replaces it, a cleanup may recognise it
+        run._write_meta()
+    except OSError as error:
+        raise unwritable(path, error) from None
     run.log(f"created {kind} run")
     return run
 
@@ -248,8 +255,13 @@ def load_run(path: str | Path) -> Run:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise RunError(f"{meta_path} is unreadable ({err}); the run folder is corrupt") from None
-    if not isinstance(meta, dict) or meta.get("status") not in STATUSES or "kind" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("status"), str) \
+            or meta.get("status") not in STATUSES or not isinstance(meta.get("kind"), str):
         raise RunError(f"{meta_path} lacks a kind or a valid status; the run folder is corrupt")
+    for name, kind in (("config", dict), ("data", dict), ("created", str), ("updated", str)):
+        if meta.get(name) is not None and not isinstance(meta[name], kind):
+            raise RunError(f"{meta_path}: its {name!r} is a {type(meta[name]).__name__}, not "
+                           f"{'an object' if kind is dict else 'a time stamp'}; the run folder is corrupt")
     return Run(path, meta)
 
 
@@ -268,7 +280,7 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
     """One row per readable run under `root`, newest first; corrupt folders are logged, skipped."""
     root = Path(root) if root is not None else default_root()
     columns = ["name", "kind", "status", "created", "updated", "method", "pattern", "sparsity",
-               "points", "error", "path"]
+               "points", "error", "path", "session"]
     rows = []
     if root.is_dir():
         for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -276,8 +288,9 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
                 run = load_run(path)
                 rows.append({"name": run.name, "kind": run.kind, "status": run.status,
                              "created": run.meta.get("created"), "updated": run.meta.get("updated"),
-                             "error": run.meta.get("error"), "path": str(path), **_headline(run)})
-            except RunError as err:
+                             "error": run.meta.get("error"), "path": str(path),
+                             "session": run.meta.get("session"), **_headline(run)})  # who made it (apps)
+            except (RunError, OSError, TypeError, AttributeError, KeyError) as err:
                 log.warning("skipping run folder %s: %s", path, err)
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("created", ascending=False, ignore_index=True)
@@ -292,6 +305,11 @@ def run_results(run: Run) -> pd.DataFrame:
         results = run.load_json("results")
     except FileNotFoundError:
         return pd.DataFrame()
+    except (OSError, ValueError) as err:
+        raise RunError(f"{run.path / 'results.json'} is unreadable ({err}); the run folder is "
+                       "corrupt") from None
+    if not isinstance(results, (dict, list)):
+        raise RunError(f"{run.path / 'results.json'} holds a {type(results).__name__}, not results")
     return pd.json_normalize(results, sep="/")
 
 

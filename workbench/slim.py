@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from workbench.arch import ModelLayout, describe, weight_of
 from workbench.methods.retrain_free import Structure
+from workbench.saving import save_folder
 from workbench.structured import BlockGeometry, StructureError, apply_unit_mask, model_geometry
 
 log = logging.getLogger(__name__)
@@ -249,32 +248,19 @@ def slim_model(model: nn.Module, result, round_to: int | None = None,
 # --- saving and loading --------------------------------------------------------------------
 
 
-def save_slimmed(model: nn.Module, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:
-    """`save_pretrained` into `folder` atomically: written to a temporary sibling, then renamed."""
+def write_slimmed(model: nn.Module, tokenizer, folder: str | Path) -> None:
+    """`save_pretrained` the slimmed model (and tokenizer) into `folder`, as it is."""
     from workbench.models import strip_quantizer
 
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty; choose a new folder or pass "
-                              "overwrite=True")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        strip_quantizer(model)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{tmp.name[-8:]}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    strip_quantizer(model)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_slimmed(model: nn.Module, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:
+    """Save into `folder` through `workbench.saving`: atomic, and only over a folder of ours."""
+    return save_folder(folder, lambda tmp: write_slimmed(model, tokenizer, tmp), "model", overwrite)
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,13 @@ class InputStats:
             self._symmetric = True
         return self._upper
 
+    def sums(self) -> list[torch.Tensor]:
+        """The running sums themselves (not copies; the Gram matrix made symmetric first). Adding
+        them element-wise across processes that saw disjoint tokens, and adding their `tokens`,
+        gives the statistics of all the tokens together, up to float summation order: nothing
+        here is a running mean, so there is no count to re-weight by."""
+        return [self.sq_sum] if self._upper is None else [self.sq_sum, self.gram]
+
     def input_norms(self) -> torch.Tensor:
         """||x_j||_2 over every calibration token, per input feature (Wanda's activation norm)."""
         return self.sq_sum.sqrt()

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,7 @@ from workbench.prune import (
 )
 from workbench.runs import Run, open_run
 from workbench.sparsity import sparsity_summary, sparsity_table
+from workbench.sweep_items import keeping_items, paired_row, stored_items
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ MODES = ("exact", "fast")
 ALLOCATIONS = ("uniform", "owl")
 TASKS = ("lambada", "lambada-last-token", "wikitext2")
 METRIC_KEYS = ("accuracy", "perplexity")
+BACKENDS = ("local", "ray")
+# Where and how a sweep runs, not what it computes: left out of the run folder's identity, so a
+# sweep started locally can be resumed on a cluster and the other way round.
+EXECUTION_FIELDS = ("backend", "address", "device")
 
 
 @dataclass
@@ -70,6 +76,9 @@ class SweepConfig:
     owl_m: float = 5.0
     batch_size: int = 8
     record_error: bool = True
+    backend: str = "local"  # local (this process) | ray (one Ray task per point)
+    address: str | None = field(default_factory=lambda: os.environ.get("RAY_ADDRESS") or None)
+    device: str = "cpu"  # where a Ray task prunes and evaluates (cpu, cuda)
 
     def __post_init__(self):
         for name in ("methods", "sparsities", "extra_patterns", "tasks"):
@@ -91,13 +100,15 @@ class SweepConfig:
             if pattern.fixed_sparsity is None:
                 raise ValueError(f"extra pattern {text!r} is not N:M; the sweep's extra patterns "
                                  "are N:M patterns such as 2:4 or 4:8")
-        for task in self.tasks:
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+        from workbench.evaluate import check_tasks
+
+        check_tasks(self.tasks)  # ours, lm-eval:NAME or the zero-shot preset
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose exact or fast")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}: choose uniform or owl")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose local or ray")
         for name in ("limit", "ppl_windows"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -130,6 +141,10 @@ class SweepConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
+
+    def run_config(self) -> dict:
+        """What identifies the sweep in its run folder: `to_dict()` without where it runs."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepConfig:
@@ -173,6 +188,8 @@ def flatten_metrics(results: dict) -> dict[str, float]:
             for metric in METRIC_KEYS:
                 if metric in value:
                     flat[f"{key}/{metric}"] = float(value[metric])
+                    if value.get(f"{metric}_ci"):  # the 95% interval, for bands and tables
+                        flat[f"{key}/{metric}_lo"], flat[f"{key}/{metric}_hi"] = map(float, value[f"{metric}_ci"])
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[str(key)] = float(value)
     return flat
@@ -246,11 +263,12 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
     this same calibration, with gram=True when a method or record_error needs X^T X.
     """
     config.validate()
-    run = open_run(run_dir, "sweep", config.to_dict()) if run_dir is not None else None
+    run = open_run(run_dir, "sweep", config.run_config()) if run_dir is not None else None
     if run is not None and model_name:
         run.update(model=model_name)
     done = run.points() if run is not None else {}
-    evaluate_fn = evaluate_fn or default_evaluator(tokenizer, config)
+    scored: dict = {}  # per-item scores of the latest evaluation (see keeping_items)
+    evaluate_fn = keeping_items(evaluate_fn or default_evaluator(tokenizer, config), scored)
     points = config.points()
     total = len(points) + 1
     rows: list[dict] = []
@@ -278,12 +296,8 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
         elif dense_row is not None:
             finish("dense", {k: v for k, v in dense_row.items() if k != "key"}, fresh=True)
         else:
-            started = time.perf_counter()
-            metrics = flatten_metrics(evaluate_fn(model))
-            table = sparsity_table(model)
-            finish("dense", {"method": "dense", "pattern": "", "target": 0.0, "allocation": "",
-                             **_measured(model, table), **metrics, "prune_s": 0.0,
-                             "eval_s": time.perf_counter() - started}, fresh=True)
+            finish("dense", paired_row(run, "dense", measure_dense(model, evaluate_fn), scored, None), fresh=True)
+        dense_items = dict(scored) or stored_items(run, "dense")
 
         todo = [p for p in points if point_key(p) not in done]
         for point in points:
@@ -296,30 +310,14 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
                 raise PruneCancelled("stopped between points")
             key = point_key(point)
             if prepared is None:  # lazily: a fully resumed sweep needs no calibration at all
-                prepared = _prepare_cache(model, tokenizer, config, calibration, run,
+                prepared = prepare_cache(model, tokenizer, config, calibration, run,
                                           stats=cache if config.mode == "fast" else None)
-            block_sparsity = None
-            if point["allocation"] == "owl":
-                if point["target"] not in allocations:
-                    allocations[point["target"]] = _owl(model, config, point["target"], prepared)
-                block_sparsity = allocations[point["target"]]
-            pcfg = config.prune_config(point["method"], point["pattern"], point["target"],
-                                       block_sparsity)
             restore_weights(model, snapshot)
-            started = time.perf_counter()
-            result = prune(model, pcfg, calibration=prepared.calibration, tokenizer=tokenizer,
-                           should_stop=should_stop, cache=prepared.prune_cache)
-            prune_s = time.perf_counter() - started
-            started = time.perf_counter()
-            metrics = flatten_metrics(evaluate_fn(model))
-            eval_s = time.perf_counter() - started
-            row = {**point, **_measured(model, result.sparsity, result.summary), **metrics,
-                   "prune_s": prune_s, "eval_s": eval_s}
+            outcome = measure_point(model, tokenizer, config, point, prepared, evaluate_fn,
+                                    should_stop=should_stop, allocations=allocations)
             if run is not None:
-                run.save_table(f"sparsity-{_slug(key)}", result.sparsity)
-                if block_sparsity is not None:
-                    run.save_json(f"allocation-{_slug(key)}", block_sparsity)
-            finish(key, row, fresh=True)
+                save_point_tables(run, key, outcome)
+            finish(key, paired_row(run, key, outcome.row, scored, dense_items), fresh=True)
     except PruneCancelled as err:
         log.info("sweep stopped: %s", err)
         table = _table(rows, points)
@@ -345,13 +343,64 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
 
 
 @dataclass
+class PointOutcome:
+    """One pruned and evaluated point: its row, its per-layer sparsity table and, for OWL, the
+    per-block sparsities it used."""
+
+    row: dict
+    sparsity: pd.DataFrame
+    block_sparsity: list[float] | None = None
+
+
+def measure_dense(model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]) -> dict:
+    """The dense row: the model's measured sparsity and metrics, unpruned."""
+    started = time.perf_counter()
+    metrics = flatten_metrics(evaluate_fn(model))
+    table = sparsity_table(model)
+    return {"method": "dense", "pattern": "", "target": 0.0, "allocation": "",
+            **_measured(model, table), **metrics, "prune_s": 0.0,
+            "eval_s": time.perf_counter() - started}
+
+
+def measure_point(model: nn.Module, tokenizer, config: SweepConfig, point: dict, prepared: _SweepCache,
+                  evaluate_fn: Callable[[nn.Module], dict], should_stop: Callable[[], bool] | None = None,
+                  allocations: dict[float, list[float]] | None = None) -> PointOutcome:
+    """Prune the (dense) model in place at `point` and evaluate it. `allocations` caches OWL's
+    per-block sparsities by target across points."""
+    allocations = {} if allocations is None else allocations
+    block_sparsity = None
+    if point["allocation"] == "owl":
+        if point["target"] not in allocations:
+            allocations[point["target"]] = _owl(model, config, point["target"], prepared)
+        block_sparsity = allocations[point["target"]]
+    pcfg = config.prune_config(point["method"], point["pattern"], point["target"], block_sparsity)
+    started = time.perf_counter()
+    result = prune(model, pcfg, calibration=prepared.calibration, tokenizer=tokenizer,
+                   should_stop=should_stop, cache=prepared.prune_cache)
+    prune_s = time.perf_counter() - started
+    started = time.perf_counter()
+    metrics = flatten_metrics(evaluate_fn(model))
+    eval_s = time.perf_counter() - started
+    row = {**point, **_measured(model, result.sparsity, result.summary), **metrics,
+           "prune_s": prune_s, "eval_s": eval_s}
+    return PointOutcome(row, result.sparsity, block_sparsity)
+
+
+def save_point_tables(run: Run, key: str, outcome: PointOutcome) -> None:
+    """A point's per-layer sparsity table (and OWL allocation) beside its row."""
+    run.save_table(f"sparsity-{_slug(key)}", outcome.sparsity)
+    if outcome.block_sparsity is not None:
+        run.save_json(f"allocation-{_slug(key)}", outcome.block_sparsity)
+
+
+@dataclass
 class _SweepCache:
     calibration: object
     prune_cache: CalibrationCache
     stats_cache: CalibrationCache | None = None  # dense statistics, when some point needs them
 
 
-def _prepare_cache(model, tokenizer, config: SweepConfig, calibration, run: Run | None,
+def prepare_cache(model, tokenizer, config: SweepConfig, calibration, run: Run | None,
                    stats: CalibrationCache | None = None) -> _SweepCache:
     calibration = _calibration(config, calibration, tokenizer)
     if run is not None and hasattr(calibration, "sha256"):

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from workbench.arch import describe
+from workbench.limits import Deadline, Limits, TimeBudgetExceeded
 from workbench.models import LoadedModel, ModelLoadError, _looks_like_hub_id, load_model, model_info
 from workbench.patterns import parse_pattern
 from workbench.prune import PruneCancelled, PruneConfig, PruneResult, prune
@@ -72,6 +73,7 @@ class Session:
     stop_requested: bool = False
     busy: str = ""  # what is running now, for a clear 'wait' message
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # separates exports per session
+    limits: Limits | None = None  # what one request may ask (workbench.limits); None: unbounded
 
     @property
     def model(self):
@@ -114,7 +116,7 @@ def available_methods() -> list[str]:
 # --- validation -----------------------------------------------------------------------------
 
 
-def check_source(source: str) -> str:
+def check_source(source: str, limits: Limits | None = None) -> str:
     """The stripped model source, or a SettingsError naming what is wrong with it."""
     text = str(source or "").strip()
     if not text:
@@ -123,6 +125,8 @@ def check_source(source: str) -> str:
     if text == "default":
         return text
     path = Path(text).expanduser()
+    if limits is not None and limits.public and (path.exists() or not _looks_like_hub_id(text)):
+        limits.check_model_path(text)  # before any existence check: say nothing about the server's files
     if path.exists():
         if path.is_file() and path.suffix.lower() != ".gguf":
             raise SettingsError(f"{text} is a file but not a .gguf model; give a .gguf file or a "
@@ -138,8 +142,25 @@ def check_source(source: str) -> str:
     return text
 
 
-def make_config(settings: dict | PruneConfig) -> PruneConfig:
-    """A validated PruneConfig from a config or a dict of its fields (UI values welcome)."""
+def make_config(settings: dict | PruneConfig, limits: Limits | None = None) -> PruneConfig:
+    """A validated PruneConfig from a config or a dict of its fields (UI values welcome), within `limits`."""
+    config = _make_config(settings, limits)
+    if limits is not None:
+        limits.check("max_nsamples", config.nsamples)
+        limits.check("max_seqlen", config.seqlen)
+    return config
+
+
+def _check_calibration_source(calibration, limits: Limits | None) -> None:
+    if limits is not None and limits.public and calibration is not None:
+        from workbench.data import CALIBRATION_SOURCES
+
+        limits.check_calibration(str(calibration), tuple(CALIBRATION_SOURCES))
+
+
+def _make_config(settings: dict | PruneConfig, limits: Limits | None) -> PruneConfig:
+    calibration = settings.calibration if isinstance(settings, PruneConfig) else dict(settings).get("calibration")
+    _check_calibration_source(calibration, limits)  # before validation looks at the file
     if isinstance(settings, PruneConfig):
         config = settings
     else:
@@ -182,13 +203,21 @@ def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     return values
 
 
-def check_eval(tasks: Sequence[str] | None, limit: int | None) -> tuple[tuple[str, ...], int | None]:
-    from workbench.evaluate import TASKS
+def check_eval(tasks: Sequence[str] | None, limit: int | None,
+               limits: Limits | None = None) -> tuple[tuple[str, ...], int | None]:
+    tasks, limit = _check_eval(tasks, limit)
+    if limits is not None and tasks:
+        limits.check("max_eval", limit)
+    return tasks, limit
 
-    tasks = tuple(tasks or ())
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise SettingsError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
+
+def _check_eval(tasks: Sequence[str] | None, limit: int | None) -> tuple[tuple[str, ...], int | None]:
+    from workbench.evaluate import check_tasks
+
+    try:  # ours, lm-eval:NAME, or the zero-shot preset (expanded to its tasks)
+        tasks = tuple(check_tasks(tasks or ()))
+    except ValueError as err:
+        raise SettingsError(f"unknown evaluation task: {err}") from None
     if limit is not None:
         try:
             limit = int(limit)
@@ -200,16 +229,18 @@ def check_eval(tasks: Sequence[str] | None, limit: int | None) -> tuple[tuple[st
 
 
 def validate_settings(source: str | None = None, settings: dict | PruneConfig | None = None,
-                      eval_tasks: Sequence[str] | None = None, limit: int | None = None) -> list[str]:
-    """Every problem with the given inputs, as messages for the user; empty when all is well."""
+                      eval_tasks: Sequence[str] | None = None, limit: int | None = None,
+                      limits: Limits | None = None) -> list[str]:
+    """Every problem with the given inputs (within `limits`, when given), as messages for the user;
+    empty when all is well."""
     problems = []
     checks = []
     if source is not None:
-        checks.append(lambda: check_source(source))
+        checks.append(lambda: check_source(source, limits))
     if settings is not None:
-        checks.append(lambda: make_config(settings))
+        checks.append(lambda: make_config(settings, limits))
     if eval_tasks is not None or limit is not None:
-        checks.append(lambda: check_eval(eval_tasks, limit))
+        checks.append(lambda: check_eval(eval_tasks, limit, limits))
     for check in checks:
         try:
             check()
@@ -245,7 +276,7 @@ def free(session: Session) -> None:
 def load(session: Session, source: str = "default", dtype: str = "fp32",
          progress: Progress | None = None, device: str = "cpu") -> dict:
     """Load a model into the session (replacing any other) and return `model_info` plus timing."""
-    source = check_source(source)
+    source = check_source(source, session.limits)
     free(session)
     started = time.perf_counter()
     if progress is not None:
@@ -328,7 +359,7 @@ def summary_table(session: Session, result: PruneResult, comparison: pd.DataFram
     model = info.get("resolved") if info.get("kind") == "hub" else Path(str(info.get("source"))).name
     if info.get("kind") == "default":
         model = "SmolLM2-135M-Instruct (bundled)"
-    calibration = config.calibration
+    calibration = config.calibration if config.uses_calibration else "none (data-free method)"
     if result.calibration:
         calibration = f"{result.calibration.get('source', calibration)} " \
                       f"({result.calibration.get('nsamples')}x{result.calibration.get('seqlen')})"
@@ -404,28 +435,74 @@ def evaluate_dense(session: Session, tasks: Sequence[str], limit: int | None,
     return session.dense_eval
 
 
+def estimate_prune_time(session: Session, settings: dict | PruneConfig):
+    """How long pruning the loaded model with `settings` should take on this machine (a
+    `workbench.estimate.Estimate`: `.text` reads 'about 40 s'); evaluation not included."""
+    from workbench.estimate import estimate_prune
+
+    config = make_config(settings, session.limits)
+    return estimate_prune(session.model, config)
+
+
+def estimate_prune_memory(session: Session, settings: dict | PruneConfig, source: str | None = None):
+    """Estimated peak memory of pruning with `settings` and whether it would onload blocks from
+    disk (a `workbench.memory.MemoryEstimate`: `.describe()` reads 'estimated peak memory 2.9 GiB
+    (onloading blocks from disk) ...'). `source`: a safetensors folder, estimated without loading
+    it; default the loaded model."""
+    from workbench.memory import estimate_memory
+
+    config = make_config(settings, session.limits)
+    return estimate_memory(source if source is not None else session.model, config)
+
+
 def run_prune(session: Session, settings: dict | PruneConfig, eval_tasks: Sequence[str] = (),
               limit: int | None = None, progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None, zoom_layer: str | None = None) -> PruneOutcome:
     """Restore the dense weights, (evaluate dense once,) prune, evaluate the pruned model.
 
     On cancel (`should_stop()` or `session.request_stop()`) the dense weights are restored and
-    `PruneCancelled` propagates; on any other error too the model is left dense.
+    `PruneCancelled` propagates; on any other error too the model is left dense. Past the
+    session's time budget (`session.limits.job_seconds`) the job stops the same way and raises
+    `TimeBudgetExceeded`.
     """
-    config = make_config(settings)
-    tasks, limit = check_eval(eval_tasks, limit)
+    config = make_config(settings, session.limits)
+    tasks, limit = check_eval(eval_tasks, limit, session.limits)
     session.model  # noqa: B018 - raises NoModelError
+    deadline = _deadline(session)
     try:
-        return _prune_and_evaluate(session, config, tasks, limit, progress, should_stop, zoom_layer)
+        return _prune_and_evaluate(session, config, tasks, limit, progress, should_stop, zoom_layer, deadline)
+    except PruneCancelled:
+        if deadline.expired():
+            raise TimeBudgetExceeded(deadline.message("pruning")) from None
+        raise
     finally:
         session.stop_requested = False  # a stop request ends with the job it stopped
 
 
+def _deadline(session: Session) -> Deadline:
+    return session.limits.deadline() if session.limits is not None else Deadline(None)
+
+
+def _within(deadline: Deadline | None, progress: Progress | None, what: str) -> Progress | None:
+    """`progress` that also ends the job once the time budget is spent (evaluation has no other stop)."""
+    if deadline is None or deadline.seconds is None:
+        return progress
+
+    def report(fraction: float, message: str) -> None:
+        if deadline.expired():
+            raise TimeBudgetExceeded(deadline.message(what))
+        if progress is not None:
+            progress(fraction, message)
+
+    return report
+
+
 def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str, ...], limit: int | None,
                         progress: Progress | None, should_stop: Callable[[], bool] | None,
-                        zoom_layer: str | None) -> PruneOutcome:
+                        zoom_layer: str | None, deadline: Deadline | None = None) -> PruneOutcome:
     def stop() -> bool:
-        return session.stop_requested or (should_stop is not None and should_stop())
+        return (session.stop_requested or (should_stop is not None and should_stop())
+                or (deadline is not None and deadline.expired()))
 
     started = time.perf_counter()
     timings = {}
@@ -437,7 +514,8 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
     if tasks:
         t0 = time.perf_counter()
         cached = session.dense_eval is not None and session.dense_eval_key == (tasks, limit)
-        dense_eval = evaluate_dense(session, tasks, limit, _stage(progress, 0.0, eval_share))
+        dense_eval = evaluate_dense(session, tasks, limit,
+                                    _within(deadline, _stage(progress, 0.0, eval_share), "pruning"))
         timings["dense_eval_s"] = 0.0 if cached else time.perf_counter() - t0
         if stop():
             raise PruneCancelled("stopped before pruning; the model is dense")
@@ -445,10 +523,11 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
 
     def on_block(done: int, total: int, message: str) -> None:
         if progress is not None:
-            progress(start + prune_share * done / total, f"Pruning {message}")
+            progress(start + prune_share * done / total, f"Pruning {message}" if done else f"Pruning: {message}")
 
     if progress is not None:
-        progress(start, f"Calibrating on {config.nsamples} x {config.seqlen} tokens of {config.calibration}")
+        progress(start, f"Calibrating on {config.nsamples} x {config.seqlen} tokens of {config.calibration}"
+                 if config.uses_calibration else f"Pruning with {config.method} (no calibration data needed)")
     try:
         result = prune(session.model, config, tokenizer=session.tokenizer, progress=on_block, should_stop=stop)
     except BaseException:
@@ -463,8 +542,13 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
         from workbench.evaluate import evaluate
 
         t0 = time.perf_counter()
-        pruned_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
-                               progress=_stage(progress, start + prune_share, 1.0))
+        try:
+            pruned_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
+                                   progress=_within(deadline, _stage(progress, start + prune_share, 1.0),
+                                                    "pruning"))
+        except TimeBudgetExceeded:
+            restore_dense(session)  # a half-evaluated pruning is not kept
+            raise
         timings["sparse_eval_s"] = time.perf_counter() - t0
         session.pruned_eval = pruned_eval
         comparison, row_tasks = _compare_in_task_order(dense_eval, pruned_eval, tasks)
@@ -502,7 +586,7 @@ def record_run(session: Session, outcome: PruneOutcome, root: str | Path | None 
     result = outcome.result
     config = {"model": session.info.get("resolved") or session.info.get("source"), **result.config.to_dict()}
     run = create_run(root, "prune", config)
-    run.update(data={"calibration": result.calibration})
+    run.update(data={"calibration": result.calibration}, session=session.id)  # whose run, for public listings
     run.save_table("summary", outcome.table)
     run.save_table("sparsity", result.sparsity)
     run.save_table("errors", result.errors)
@@ -529,27 +613,41 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
 
     `settings` are further `workbench.sweep.SweepConfig` fields (scope, calibration, nsamples,
     seqlen, mode, ...). `on_point(table_so_far)` is called after each point. A stop returns the
-    finished points. The model is dense again afterwards.
+    finished points. The model is dense again afterwards. A sweep stopped by the session's time
+    budget returns its finished points too, with the reason in `table.attrs["stopped"]`.
     """
     from workbench.sweep import SweepConfig
     from workbench.sweep import run_sweep as sweep_points
 
-    tasks, limit = check_eval(eval_tasks, limit)
+    limits = session.limits
+    tasks, limit = check_eval(eval_tasks, limit, limits)
     if not tasks:
         raise SettingsError("choose at least one evaluation task: the sweep plots a metric")
     settings.setdefault("ppl_windows", limit)
     settings.setdefault("nsamples", INTERACTIVE_NSAMPLES)
     settings.setdefault("seqlen", INTERACTIVE_SEQLEN)
+    if limits is not None:
+        _check_calibration_source(settings.get("calibration"), limits)
+        limits.check("max_sweep_points", len(methods) * (len(sparsities) + len(nm_patterns)))
+        for name, bound in (("nsamples", "max_nsamples"), ("seqlen", "max_seqlen")):
+            try:
+                value = int(settings[name])
+            except (TypeError, ValueError):
+                raise SettingsError(f"{name} must be a whole number, got {settings[name]!r}") from None
+            limits.check(bound, value)
     try:
         config = SweepConfig(methods=tuple(methods), sparsities=tuple(float(s) for s in sparsities),
                              extra_patterns=tuple(nm_patterns), tasks=tasks, limit=limit, **settings)
         config.validate()
     except (TypeError, ValueError) as error:
         raise SettingsError(str(error)) from None
+    if limits is not None and limits.public and config.backend != "local":
+        raise SettingsError("sweeps on a Ray cluster are off on a public workbench: use the local backend")
     session.model  # noqa: B018 - raises NoModelError
+    deadline = _deadline(session)
 
     def stop() -> bool:
-        return session.stop_requested or (should_stop is not None and should_stop())
+        return session.stop_requested or (should_stop is not None and should_stop()) or deadline.expired()
 
     def step(done: int, total: int, message: str) -> None:
         if progress is not None:
@@ -564,14 +662,35 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
 
     restore_dense(session)
     try:
-        table = sweep_points(session.model, session.tokenizer, config, run_dir=run_dir, progress=step,
-                             should_stop=stop, on_point=point,
-                             model_name=str(session.info.get("resolved") or session.info.get("source")))
+        if config.backend == "ray":  # every point a Ray task that loads the session's model source itself
+            from workbench.ray_sweep import run_ray_sweep
+
+            table = run_ray_sweep(session.loaded.source, config, run_dir, dtype=session.loaded.dtype,
+                                  revision=session.loaded.revision, progress=step, should_stop=stop,
+                                  on_point=point)
+        else:
+            table = sweep_points(session.model, session.tokenizer, config, run_dir=run_dir, progress=step,
+                                 should_stop=stop, on_point=point,
+                                 model_name=str(session.info.get("resolved") or session.info.get("source")))
     finally:
         session.stop_requested = False  # a stop request ends with the job it stopped
         restore_dense(session)
+        if run_dir is not None:
+            _tag_run(run_dir, session)
+    if deadline.expired():
+        table.attrs["stopped"] = deadline.message("the sweep", "the finished points are kept")
     session.sweep = table
     return table
+
+
+def _tag_run(run_dir: str | Path, session: Session) -> None:
+    """Record which session made the run (public servers list a session's own runs only)."""
+    from workbench.runs import RunError, load_run
+
+    try:
+        load_run(run_dir).update(session=session.id)
+    except (RunError, OSError) as error:
+        log.warning("could not tag run %s with its session: %s", run_dir, error)
 
 
 def iter_sweep(session: Session, *args, **kwargs) -> Iterator[pd.DataFrame]:
@@ -690,6 +809,8 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> tuple[s
         raise SettingsError(f"max new tokens must be a whole number, got {max_new_tokens!r}") from None
     if not 1 <= max_new_tokens <= 512:
         raise SettingsError(f"max new tokens must be between 1 and 512, got {max_new_tokens}")
+    if session.limits is not None:
+        session.limits.check("max_new_tokens", max_new_tokens)
     model, tokenizer = session.model, session.tokenizer
     if not session.is_pruned:
         return _greedy(model, tokenizer, prompt, max_new_tokens), None
@@ -708,8 +829,9 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> tuple[s
     return dense_text, pruned_text
 
 
-def runs_table(root: str | Path = "runs") -> pd.DataFrame:
-    """The run store's runs, newest first (empty when there are none or no store yet)."""
+def runs_table(root: str | Path = "runs", session: Session | None = None) -> pd.DataFrame:
+    """The run store's runs, newest first (empty when there are none or no store yet). With a
+    `session` in public mode, only the runs that session made."""
     try:
         from workbench.runs import list_runs
     except ImportError:
@@ -717,4 +839,8 @@ def runs_table(root: str | Path = "runs") -> pd.DataFrame:
     if not Path(root).is_dir():
         return pd.DataFrame()
     runs = list_runs(root)
-    return runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
+    runs = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
+    if session is not None and session.limits is not None and session.limits.public:
+        owner = runs["session"] if "session" in runs else pd.Series(None, index=runs.index, dtype=object)
+        runs = runs[owner == session.id].reset_index(drop=True)
+    return runs

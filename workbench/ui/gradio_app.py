@@ -4,10 +4,15 @@ Every callback is a thin layer over `workbench.workflow`; the per-browser state 
 `workflow.Session` held in `gr.State`, so one visitor's model never reaches another's.
 Long work goes through Gradio's queue under one shared concurrency limit
 (`WORKBENCH_CONCURRENCY`, default 1): a small machine holds one model's work at a time.
+Each request is bounded by `workbench.limits` (sizes, jobs per session, a time budget per job);
+in public mode (a Hugging Face Space) the app also accepts no server paths, keeps paths out of
+its messages, serves each export only to the session that made it and lists a session's own runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import logging
 import os
@@ -24,6 +29,7 @@ import pandas as pd
 import torch
 
 from workbench import workflow
+from workbench.limits import LimitError, Limits, scrub, variable_for
 from workbench.prune import PruneCancelled
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ SOURCE_CHOICES = ["bundled default", "hub id", "local folder or .gguf path", "up
 PATTERNS = ["unstructured", "2:4", "4:8", "channel", "head"]
 SCOPES = ["all", "mlp", "attention"]
 CALIBRATION_SOURCES = ["wikitext2", "pile10k", "c4", "lambada"]
-EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2"]
+EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2", "zero-shot"]  # zero-shot: lm-eval, needs its data
 EXPORT_FORMATS = ["masked", "compact", "slimmed"]
 WORK = "work"  # the concurrency group every heavy event shares
 
@@ -55,6 +61,24 @@ def runs_root() -> Path:
     from workbench.runs import default_root
 
     return default_root()
+
+
+def app_limits() -> Limits:
+    """The operator's bounds (environment variables, see workbench.limits); uploads count as the
+    user's own files, so public mode accepts paths in Gradio's upload folder."""
+    from gradio.utils import get_upload_folder
+
+    limits = Limits.from_env()
+    return dataclasses.replace(limits, upload_dirs=(Path(get_upload_folder()).resolve(),))
+
+
+def _public(session: workflow.Session | None) -> bool:
+    return bool(session is not None and session.limits is not None and session.limits.public)
+
+
+def _say(session: workflow.Session | None, message: str) -> str:
+    """`message` as this server may show it: without server paths in public mode."""
+    return scrub(message) if _public(session) else message
 
 
 def sweep_methods_available() -> list[str]:
@@ -89,17 +113,22 @@ def _job(session: workflow.Session, what: str):
     session.busy = what
     try:
         yield
-    except gr.Error:
+    except gr.Error as error:
+        if _public(session):
+            raise gr.Error(scrub(error.message), print_exception=False) from None
         raise
     except ValueError as error:  # SettingsError, PatternError, ModelLoadError: meant for the user
-        raise gr.Error(str(error), print_exception=False) from None
+        raise gr.Error(_say(session, str(error)), print_exception=False) from None
     except FileNotFoundError as error:
-        raise gr.Error(str(error), print_exception=False) from None
+        raise gr.Error(_say(session, str(error)), print_exception=False) from None
     except (MemoryError, torch.OutOfMemoryError):
         raise gr.Error(f"out of memory while {what}: try a smaller model, fewer calibration samples "
                        "or a shorter sequence length") from None
     except Exception as error:
         log.exception("%s failed", what)
+        if _public(session):  # the details can hold server paths or file contents: they go to the log
+            raise gr.Error(f"{what} failed ({type(error).__name__}); the details are in the server's log",
+                           print_exception=False) from None
         raise gr.Error(f"{what} failed: {type(error).__name__}: {error}") from None
     finally:
         session.busy = ""
@@ -125,7 +154,15 @@ def _human(count: int) -> str:
     return str(count)
 
 
-def info_table(info: dict) -> pd.DataFrame:
+def _origin(info: dict, public: bool = False) -> str:
+    """Where the model came from; in public mode a local file shows by name only."""
+    resolved = info.get("resolved")
+    if public and info.get("kind") not in ("hub", "default") and resolved:
+        resolved = Path(str(resolved)).name
+    return str(resolved)
+
+
+def info_table(info: dict, public: bool = False) -> pd.DataFrame:
     rows = [
         ("architecture", info.get("class")),
         ("family", info.get("family")),
@@ -138,7 +175,7 @@ def info_table(info: dict) -> pd.DataFrame:
         ("prunable linears per block", ", ".join(info.get("prunable_linears_per_block", []) or [])
          or info.get("prunable", "-")),
         ("dtype", info.get("dtype")),
-        ("loaded from", f"{info.get('kind')}: {info.get('resolved')}"),
+        ("loaded from", f"{info.get('kind')}: {_origin(info, public)}"),
         ("load time (s)", info.get("load_s")),
     ]
     return pd.DataFrame([(k, "" if v is None else str(v)) for k, v in rows], columns=["property", "value"])
@@ -150,7 +187,7 @@ def _model_line(session: workflow.Session) -> str:
     info = session.info
     state = "pruned" if session.is_pruned else "dense"
     where = "the bundled SmolLM2-135M-Instruct" if info.get("kind") == "default" \
-        else f"{info.get('kind')} `{info.get('resolved')}`"
+        else f"{info.get('kind')} `{_origin(info, _public(session))}`"
     return (f"**Model:** {info.get('class')} from {where}, "
             f"{_human(int(info.get('params', 0)))} parameters, {info.get('blocks')} blocks ({state})")
 
@@ -178,9 +215,9 @@ def card_preview(text: str) -> str:
 # --- callbacks --------------------------------------------------------------------------------
 
 
-def new_session() -> workflow.Session:
-    """A fresh, empty session for each browser tab (and each API client)."""
-    return workflow.Session()
+def new_session(limits: Limits | None = None) -> workflow.Session:
+    """A fresh, empty session for each browser tab (and each API client), bounded by `limits`."""
+    return workflow.Session(limits=limits)
 
 
 def on_source_kind(choice: str):
@@ -195,7 +232,7 @@ def load_model(session: workflow.Session, choice: str, text: str | None, upload,
     with _job(session, "loading"):
         info = workflow.load(session, source, dtype, _reporter(progress))
     status = f"Loaded in {info.get('load_s')} s."
-    return status, info_table(info), _model_line(session)
+    return status, info_table(info, _public(session)), _model_line(session)
 
 
 def on_pattern(pattern: str, method: str):
@@ -225,13 +262,16 @@ def _limit(value) -> int | None:
 
 def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: float, scope: str,
               calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
-              progress=gr.Progress()):
-    """Prune the dense model; returns status, summary table, figures, timings, layer choices."""
+              calibration_file=None, progress=gr.Progress()):
+    """Prune the dense model; returns status, summary table, figures, timings, layer choices.
+    An uploaded calibration file, when given, replaces the named calibration data."""
+    if calibration_file:
+        calibration = str(getattr(calibration_file, "name", calibration_file))
     problems = workflow.validate_settings(
         settings=_settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen),
-        eval_tasks=tasks, limit=_limit(limit))
+        eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
-        raise gr.Error(" ".join(problems), print_exception=False)
+        raise gr.Error(_say(session, " ".join(problems)), print_exception=False)
     with _job(session, "pruning"):
         try:
             outcome = workflow.run_prune(session, _settings(method, pattern, sparsity, scope, calibration,
@@ -245,7 +285,10 @@ def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: fl
             saved = f" Saved as run `{Path(run_path).name}`."
         except Exception as error:  # the result is on screen; a full disk must not hide it
             log.warning("could not record the run: %s", error)
-            saved = f" (Not saved to the run store: {error})"
+            saved = _say(session, f" (Not saved to the run store: {error})")
+    if _public(session) and calibration_file:  # an upload shows by its name, not where the server keeps it
+        outcome.table["Calibration dataset"] = outcome.table["Calibration dataset"].str.replace(
+            calibration, Path(calibration).name, regex=False)
     summary = outcome.result.summary
     status = (f"Pruned with {method} {pattern} in {outcome.timings.get('prune_s')} s: "
               f"{summary['mlp']:.2%} of MLP weights, {summary['attention']:.2%} of attention weights, "
@@ -299,9 +342,9 @@ def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm
     values = _floats(sparsities)
     if not values and not nm_patterns:
         raise gr.Error("give sparsities (e.g. 0.3, 0.5) or tick an N:M pattern", print_exception=False)
-    problems = workflow.validate_settings(eval_tasks=tasks, limit=_limit(limit))
+    problems = workflow.validate_settings(eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
-        raise gr.Error(" ".join(problems), print_exception=False)
+        raise gr.Error(_say(session, " ".join(problems)), print_exception=False)
     total = len(methods) * (len(values) + len(nm_patterns)) + 1
     run_dir = runs_root() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-sweep-{uuid.uuid4().hex[:6]}"
     table = None
@@ -313,7 +356,8 @@ def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm
                 _model_line(session)
     done = f"Sweep stopped after {len(table)} of {total} points" if len(table) < total \
         else f"Sweep finished: {len(table)} points"
-    yield f"{done}; saved as run `{run_dir.name}`.", table, _curve(table), _model_line(session)
+    why = f" {table.attrs['stopped']}." if table.attrs.get("stopped") else ""
+    yield f"{done}; saved as run `{run_dir.name}`.{why}", table, _curve(table), _model_line(session)
 
 
 def generate(session: workflow.Session, prompt: str, max_new_tokens: int):
@@ -322,26 +366,33 @@ def generate(session: workflow.Session, prompt: str, max_new_tokens: int):
     return dense, pruned if pruned is not None else "(nothing pruned yet: run Prune first)"
 
 
-def list_runs():
-    table = workflow.runs_table(runs_root())
+def list_runs(session: workflow.Session | None = None):
+    """The run store's runs (in public mode, only this session's)."""
+    table = workflow.runs_table(runs_root(), session)
     names = list(table["name"]) if "name" in table else []
-    shown = table.drop(columns=[c for c in ("path", "updated") if c in table]) if not table.empty else table
+    shown = table.drop(columns=[c for c in ("path", "updated", "session") if c in table]) if not table.empty \
+        else table
     return shown, gr.update(choices=names, value=names[:2])
 
 
-def compare_runs(names: list[str]):
+def compare_runs(session: workflow.Session | None, names: list[str]):
     if not names:
         raise gr.Error("tick one or more runs to compare", print_exception=False)
     from workbench.runs import compare_runs as compare
 
     root = runs_root()
+    if _public(session):  # another session's runs do not exist, as far as this one can tell
+        own = set(workflow.runs_table(root, session).get("name", []))
+        missing = [n for n in names if n not in own]
+        if missing:
+            raise gr.Error(f"no such run(s): {missing}; press Refresh", print_exception=False)
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
-        raise gr.Error(f"no such run(s) in {root}: {missing}; press Refresh", print_exception=False)
+        raise gr.Error(_say(session, f"no such run(s) in {root}: {missing}; press Refresh"), print_exception=False)
     try:
         return compare([root / n for n in names])
     except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
+        raise gr.Error(_say(session, str(error)), print_exception=False) from None
 
 
 def export(session: workflow.Session, formats: list[str], name: str, overwrite: bool,
@@ -355,7 +406,15 @@ def export(session: workflow.Session, formats: list[str], name: str, overwrite: 
                                for k, v in sizes.items()], columns=["file or format", "size"])
     card = card_preview(workflow.model_card(exported)) or "*No model card was written.*"
     zip_path = str(exported.zip_path) if getattr(exported, "zip_path", None) else None
-    return f"Exported to `{exported.path}`.", zip_path, card, size_table
+    # In public mode the export folder is not served: Gradio copies the zip into its cache under
+    # an unguessable name and hands that address to this session only.
+    where = f"as `{Path(exported.path).name}`" if _public(session) else f"to `{exported.path}`"
+    return f"Exported {where}.", zip_path, card, size_table
+
+
+def _bound(bound: int, prefix: str = "") -> str:
+    """An input's hint: the server's upper bound, when it has one."""
+    return f"{prefix}at most {bound} here" if bound else ""
 
 
 def _figure_box(label: str, elem_id: str) -> gr.Image:
@@ -370,8 +429,10 @@ def _figure_box(label: str, elem_id: str) -> gr.Image:
 def build_app() -> gr.Blocks:
     """The Blocks; nothing heavy happens until a user loads a model."""
     methods = workflow.available_methods()
+    limits = app_limits()
+    calibration_info = "a name" if limits.public else "a name, or a .txt/.jsonl path"
     with gr.Blocks(title="Prune workbench") as demo:
-        session = gr.State(new_session, delete_callback=workflow.free)
+        session = gr.State(functools.partial(new_session, limits), delete_callback=workflow.free)
         gr.Markdown(INTRO)
         model_line = gr.Markdown(_model_line(workflow.Session()), elem_id="model-line")
 
@@ -397,18 +458,24 @@ def build_app() -> gr.Blocks:
                 method = gr.Dropdown(methods, value="sparsegpt", label="method")
                 pattern = gr.Dropdown(PATTERNS, value="2:4", label="pattern", allow_custom_value=True,
                                       info="unstructured, N:M (e.g. 2:4, 4:8), channel or head")
-                sparsity = gr.Slider(0.0, 0.95, value=0.5, step=0.05, label="target sparsity (fixed by N:M)",
-                                     interactive=False)
+                # a number box, not a slider: a slider clamps a typed 1.5 to its maximum without a word,
+                # while the core refuses it with a message
+                sparsity = gr.Number(0.5, step=0.05, label="target sparsity (fixed by N:M)", interactive=False,
+                                     info="fraction in [0, 1)")
                 scope = gr.Radio(SCOPES, value="all", label="scope")
             with gr.Row():
-                calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
-                                          label="calibration data", info="a name, or a .txt/.jsonl path")
+                with gr.Column(min_width=160):
+                    calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
+                                              label="calibration data", info=calibration_info)
+                    calibration_file = gr.File(label="or upload calibration text (.txt/.jsonl)",
+                                               file_types=[".txt", ".jsonl"], elem_id="calibration-file")
                 nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
-                                     label="calibration samples")
-                seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample")
+                                     label="calibration samples", info=_bound(limits.max_nsamples))
+                seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
+                                   info=_bound(limits.max_seqlen))
                 tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
                 limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
-                                  info="LAMBADA passages / WikiText-2 windows")
+                                  info="LAMBADA passages / WikiText-2 windows" + _bound(limits.max_eval, ", "))
             with gr.Row():
                 prune_button = gr.Button("Run", variant="primary", elem_id="prune-button")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="prune-cancel")
@@ -424,7 +491,8 @@ def build_app() -> gr.Blocks:
                 timings = gr.Dataframe(label="timings (s)", interactive=False, elem_id="timings")
             pattern.change(on_pattern, [pattern, method], [method, scope, sparsity], api_visibility="private")
             prune_button.click(
-                run_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit],
+                run_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit,
+                            calibration_file],
                 [prune_status, summary, heatmap, mask_plot, error_plot, timings, layer, model_line],
                 api_name="prune", concurrency_id=WORK)
             # .input, not .change: a prune sets the dropdown and already sends that layer's mask.
@@ -443,12 +511,14 @@ def build_app() -> gr.Blocks:
                 sweep_scope = gr.Radio(SCOPES, value="all", label="scope")
             with gr.Row():
                 sweep_calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
-                                                label="calibration data")
+                                                label="calibration data", info=calibration_info)
                 sweep_nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
-                                           label="calibration samples")
-                sweep_seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample")
+                                           label="calibration samples", info=_bound(limits.max_nsamples))
+                sweep_seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
+                                         info=_bound(limits.max_seqlen))
                 sweep_tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
-                sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size")
+                sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
+                                        info=_bound(limits.max_eval))
             with gr.Row():
                 sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
@@ -464,7 +534,8 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Compare", id="compare"):
             with gr.Row():
                 prompt = gr.Textbox("The capital of France is", label="prompt", lines=2, scale=4)
-                max_new = gr.Slider(1, 128, value=32, step=1, label="new tokens", scale=1)
+                max_new = gr.Slider(1, limits.max_new_tokens or 512, value=min(32, limits.max_new_tokens or 32),
+                                    step=1, label="new tokens", scale=1)
             generate_button = gr.Button("Generate with both", variant="primary", elem_id="generate-button")
             with gr.Row():
                 dense_text = gr.Textbox(label="dense", lines=5, interactive=False, elem_id="dense-text")
@@ -477,8 +548,9 @@ def build_app() -> gr.Blocks:
             chosen = gr.CheckboxGroup([], label="runs to compare")
             compare_button = gr.Button("Compare runs")
             compared = gr.Dataframe(label="side by side", interactive=False, elem_id="compared")
-            refresh.click(list_runs, None, [runs, chosen], api_name="runs", concurrency_limit=None)
-            compare_button.click(compare_runs, chosen, compared, api_name="compare_runs", concurrency_limit=None)
+            refresh.click(list_runs, session, [runs, chosen], api_name="runs", concurrency_limit=None)
+            compare_button.click(compare_runs, [session, chosen], compared, api_name="compare_runs",
+                                 concurrency_limit=None)
 
         with gr.Tab("Export", id="export"):
             with gr.Row():
@@ -496,15 +568,57 @@ def build_app() -> gr.Blocks:
             export_button.click(export, [session, formats, export_name, overwrite],
                                 [export_status, download, card, sizes], api_name="export", concurrency_id=WORK)
     demo.queue(default_concurrency_limit=concurrency())
+    if limits.session_jobs:
+        limit_jobs_per_session(demo, limits.session_jobs)
+    demo.workbench_limits = limits
     return demo
 
 
+def limit_jobs_per_session(demo: gr.Blocks, limit: int) -> None:
+    """Refuse a heavy job from a browser session that already has `limit` jobs waiting or running.
+
+    Gradio has a queue-wide size limit only, and an event handler runs when its job leaves the
+    queue, too late to count; so the check wraps the queue's entry point, where it can see every
+    waiting and running job and its session.
+    """
+    queue = demo._queue
+    enter = queue.push
+
+    def mine(event, session_hash: str) -> bool:
+        return event.session_hash == session_hash and event.concurrency_id == WORK
+
+    async def push(body, request, username):
+        session_hash = getattr(body, "session_hash", None)
+        fn_index = getattr(body, "fn_index", None)
+        fn = demo.fns.get(fn_index) if fn_index is not None else None
+        if session_hash and fn is not None and fn.concurrency_id == WORK:
+            waiting = sum(mine(e, session_hash) for q in queue.event_queue_per_concurrency_id.values()
+                          for e in q.queue)
+            running = sum(mine(e, session_hash) for job in queue.active_jobs if job for e in job)
+            if waiting + running >= limit:
+                return (False, f"this session already has {waiting + running} job(s) waiting or running, the "
+                        f"limit on this server: wait for one to finish (the operator can raise this with "
+                        f"{variable_for('session_jobs')})", "error")
+        return await enter(body, request, username)
+
+    queue.push = push
+
+
 def launch(demo: gr.Blocks | None = None, **kwargs):
-    """Start the server; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens."""
+    """Start the server; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens.
+
+    Locally the export folder is served directly; in public mode it is not (another session
+    could fetch an export by its path): each zip is handed out through Gradio's cache instead."""
     demo = demo or build_app()
     kwargs.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     kwargs.setdefault("server_port", int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    kwargs.setdefault("allowed_paths", [str(exports_root())])
+    limits = getattr(demo, "workbench_limits", None) or app_limits()
+    if not limits.public:
+        kwargs.setdefault("allowed_paths", [str(exports_root())])
+    elif not limits.allows_path(exports_root(), (Path(tempfile.gettempdir()), Path.cwd())):
+        # Gradio copies a download into its cache only from these two places
+        raise LimitError(f"WORKBENCH_EXPORTS={exports_root()} cannot be handed out in public mode: choose a "
+                         f"folder under {tempfile.gettempdir()} or under the app's folder {Path.cwd()}")
     kwargs.setdefault("theme", gr.themes.Soft())
     kwargs.setdefault("footer_links", ["api", "gradio"])
     return demo.launch(**kwargs)

@@ -18,6 +18,7 @@ ImportError that says how to install it.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import threading
@@ -37,6 +38,7 @@ import pandas as pd
 
 from workbench import plots, workflow
 from workbench.evaluate import TASKS
+from workbench.limits import Limits
 from workbench.patterns import PatternError, parse_pattern
 from workbench.prune import PruneCancelled
 from workbench.structured import KIND_SCOPE
@@ -90,7 +92,8 @@ class Workbench:
                  background: bool = True, record: bool = False, runs_root: str | Path | None = None,
                  export_root: str | Path = "exports", session: workflow.Session | None = None,
                  show: bool = True):
-        self.session = session or workflow.Session()
+        # the operator's bounds (WORKBENCH_MAX_* ...); public mode is for servers, not notebooks
+        self.session = session or workflow.Session(limits=dataclasses.replace(Limits.from_env(), public=False))
         self.background = background
         self.record = record
         self.runs_root = runs_root
@@ -121,15 +124,15 @@ class Workbench:
                                  description="method", layout=wide, style=label)
         self.pattern = W.Dropdown(options=PATTERNS if pattern in PATTERNS else [*PATTERNS, pattern],
                                   value=pattern, description="pattern", layout=wide, style=label)
-        self.sparsity = W.FloatSlider(value=sparsity, min=0.0, max=0.95, step=0.05, readout_format=".2f",
-                                      description="sparsity", layout=wide, style=label)
+        # unbounded text, not a slider: a slider clamps out-of-range values silently; the core refuses them
+        self.sparsity = W.FloatText(value=sparsity, step=0.05, description="sparsity", layout=wide, style=label)
         self.scope = W.Dropdown(options=SCOPES, value=scope, description="scope", layout=wide, style=label)
         self.calibration = W.Combobox(value=calibration, options=CALIBRATION_SOURCES, ensure_option=False,
                                       description="calibration", layout=wide, style=label)
         self.nsamples = W.IntText(value=nsamples, description="windows", layout=wide, style=label,
                                   tooltip="calibration windows")
         self.seqlen = W.IntText(value=seqlen, description="tokens/window", layout=wide, style=label)
-        self.eval_tasks = W.SelectMultiple(options=list(TASKS), value=tuple(eval_tasks), rows=3,
+        self.eval_tasks = W.SelectMultiple(options=[*TASKS, "zero-shot"], value=tuple(eval_tasks), rows=4,
                                            description="evaluate", layout=wide, style=label)
         self.eval_limit = W.IntText(value=eval_limit or 0, description="eval size", layout=wide, style=label,
                                     tooltip="LAMBADA passages / WikiText-2 windows; 0 = the full sets")
@@ -266,7 +269,7 @@ class Workbench:
         settings, (tasks, limit) = self.settings(), self._eval_settings()
         source = self.model_picker.value
         if not self._check(workflow.validate_settings(source=source, settings=settings, eval_tasks=tasks,
-                                                      limit=limit)):
+                                                      limit=limit, limits=self.session.limits)):
             return None
         self.result = None
         self._start("pruning", lambda progress: self._run(source, settings, tasks, limit, progress), wait)
@@ -281,7 +284,8 @@ class Workbench:
             return None
         methods, nm = list(self.sweep_methods.value), list(self.sweep_nm.value)
         tasks, limit = self._eval_settings()
-        problems = workflow.validate_settings(source=self.model_picker.value, eval_tasks=tasks, limit=limit)
+        problems = workflow.validate_settings(source=self.model_picker.value, eval_tasks=tasks, limit=limit,
+                                              limits=self.session.limits)
         if not methods:
             problems.append("tick at least one method to sweep")
         if not sparsities and not nm:

@@ -1,0 +1,230 @@
+"""Out-of-core prunes: blocks onloaded one at a time from the safetensors checkpoint must give
+the very weights an in-memory prune gives, in the checkpoint's dtype, in a folder stock
+`from_pretrained` loads."""
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import tiny_config, token_batch
+
+from workbench.memory import activations_fit, choose_offload, estimate_memory
+from workbench.offload import DiskBlocks, OffloadError, prune_from_disk
+from workbench.prune import PruneConfig, prune
+
+IDS = token_batch(8, 16)
+
+
+def saved(tmp_path, family="llama", dtype=torch.bfloat16, layers=3, **save_kwargs):
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, name) and getattr(config, name) is not None:
+            setattr(config, name, layers)
+    model = T.AutoModelForCausalLM.from_config(config).to(dtype)
+    folder = tmp_path / f"{family}-{str(dtype)[6:]}"
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+def in_memory(folder, config):
+    model = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    result = prune(model, config, calibration=IDS)
+    return model, result
+
+
+def assert_same_weights(model, folder):
+    reloaded = T.AutoModelForCausalLM.from_pretrained(folder)
+    expected, got = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize(("family", "method", "pattern"), [
+    ("llama", "wanda", "unstructured"),
+    ("llama", "sparsegpt", "2:4"),
+    ("llama", "magnitude", "unstructured"),
+    ("gpt2", "sparsegpt", "unstructured"),  # Conv1D and a tied LM head
+    ("opt", "wanda", "4:8"),
+])
+def test_out_of_core_equals_in_memory(tmp_path, family, method, pattern):
+    folder = saved(tmp_path, family)
+    config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, batch_size=4)
+    model, expected = in_memory(folder, config)
+    result = prune_from_disk(folder, tmp_path / "out", config, calibration=IDS)
+    assert_same_weights(model, tmp_path / "out")
+    assert result.summary == expected.summary
+    pd_errors = result.errors.reset_index(drop=True)
+    assert pd_errors.equals(expected.errors.reset_index(drop=True))
+    assert result.masks == {}  # out of core the masks are the zeros of the written weights
+
+
+def test_spilled_activations_give_the_same_weights(tmp_path):
+    folder = saved(tmp_path)
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2)
+    model, _ = in_memory(folder, config)
+    prune_from_disk(folder, tmp_path / "out", config, calibration=IDS, activations_in_memory=False)
+    assert_same_weights(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_checkpoint_dtype_is_kept(tmp_path, dtype):
+    folder = saved(tmp_path, dtype=dtype)
+    prune_from_disk(folder, tmp_path / "out", PruneConfig(method="wanda", batch_size=4), calibration=IDS)
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    for name, file in index["weight_map"].items():
+        with safe_open(tmp_path / "out" / file, framework="pt") as handle:
+            assert handle.get_tensor(name).dtype == dtype, name
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.dtype == dtype
+
+
+def test_in_memory_prune_keeps_a_low_precision_model_low_precision():
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("llama")).to(torch.bfloat16)
+    prune(model, PruneConfig(method="sparsegpt", batch_size=4), calibration=IDS)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_sharded_source_and_output_layout(tmp_path):
+    folder = saved(tmp_path, layers=4, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    config = PruneConfig(method="wanda", batch_size=4)
+    model, _ = in_memory(folder, config)
+    out = tmp_path / "out"
+    prune_from_disk(folder, out, config, calibration=IDS)
+    assert_same_weights(model, out)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 5  # one per block and one for the embeddings, norm and head
+    assert not (out / ".progress").exists()
+
+
+def test_one_block_in_memory_at_a_time(tmp_path, monkeypatch):
+    folder = saved(tmp_path, layers=4)
+    loaded_counts = []
+    real_fetch = DiskBlocks.fetch
+
+    def observed(self, block, device):
+        real_fetch(self, block, device)
+        loaded = [b.index for b in self.layout.blocks
+                  if any(p.device.type != "meta" for p in b.module.parameters())]
+        loaded_counts.append(loaded)
+
+    monkeypatch.setattr(DiskBlocks, "fetch", observed)
+    prune_from_disk(folder, tmp_path / "out", PruneConfig(method="wanda", batch_size=4), calibration=IDS)
+    assert loaded_counts == [[0], [1], [2], [3]]
+
+
+def test_gemma3_with_layer_types_out_of_core(tmp_path):
+    config = T.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "g")
+    prune_config = PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=4)
+    model, _ = in_memory(tmp_path / "g", prune_config)
+    prune_from_disk(tmp_path / "g", tmp_path / "out", prune_config, calibration=IDS)
+    assert_same_weights(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("pattern", "method", "scope"), [("channel", "retrain-free", "mlp"),
+                                                          ("head", "retrain-free", "attention")])
+def test_structured_patterns_are_refused_with_the_workaround(tmp_path, pattern, method, scope):
+    folder = saved(tmp_path)
+    config = PruneConfig(method=method, pattern=pattern, scope=scope, sparsity=0.25)
+    with pytest.raises(OffloadError, match="--offload none"):
+        prune_from_disk(folder, tmp_path / "out", config, calibration=IDS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_rules(tmp_path):
+    folder = saved(tmp_path)
+    config = PruneConfig(method="magnitude")
+    with pytest.raises(OffloadError, match="source folder"):
+        prune_from_disk(folder, folder, config, calibration=IDS)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not written by prune-workbench"):
+        prune_from_disk(folder, tmp_path / "foreign", config, calibration=IDS)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    prune_from_disk(folder, tmp_path / "out", config, calibration=IDS)
+    with pytest.raises(ValueError, match="overwrite"):
+        prune_from_disk(folder, tmp_path / "out", config, calibration=IDS)
+    prune_from_disk(folder, tmp_path / "out", config, calibration=IDS, overwrite=True)
+
+
+def test_memory_estimate_decides_offload_and_spill(tmp_path):
+    folder = saved(tmp_path)
+    config = PruneConfig(method="sparsegpt", nsamples=8, seqlen=16)
+    plenty = estimate_memory(folder, config, available=64 * 2 ** 30)
+    assert not plenty.offload and plenty.activations_in_memory
+    assert plenty.offload_bytes < plenty.in_memory_bytes
+    weights = plenty.parts["weights"]
+    assert weights == sum(p.numel() for p in T.AutoModelForCausalLM.from_pretrained(folder).parameters()) * 2
+    tight = estimate_memory(folder, config, available=int(plenty.in_memory_bytes * 0.9))
+    assert tight.offload
+    assert "onloading blocks from disk" in tight.describe()
+    assert choose_offload("disk", folder, config) and not choose_offload("none", folder, config)
+    with pytest.raises(ValueError, match="offload"):
+        choose_offload("sometimes", folder, config)
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    from workbench.arch import describe
+
+    assert not activations_fit(describe(model), PruneConfig(nsamples=4096, seqlen=4096), available=2 ** 30)
+
+
+def test_sparsegpt_estimate_counts_its_hessians(tmp_path):
+    folder = saved(tmp_path)
+    wanda = estimate_memory(folder, PruneConfig(method="wanda", record_error=False), available=2 ** 34)
+    sparsegpt = estimate_memory(folder, PruneConfig(method="sparsegpt"), available=2 ** 34)
+    assert sparsegpt.parts["statistics"] > wanda.parts["statistics"]
+
+
+def test_cli_prunes_out_of_core_and_prints_the_estimate(tmp_path, capsys):
+    import random
+
+    from conftest import CHARS, char_tokenizer
+
+    from workbench.cli import main
+
+    folder = saved(tmp_path, layers=2)
+    char_tokenizer().save_pretrained(folder)
+    rng = random.Random(0)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join("".join(rng.choice(CHARS[:60]) for _ in range(80)) for _ in range(40)))
+    common = ["prune", "--model", str(folder), "--method", "wanda", "--pattern", "2:4", "--calib", str(calib),
+              "--nsamples", "4", "--seqlen", "32", "--dtype", "bf16"]
+    assert main([*common, "--offload", "disk", "--out", str(tmp_path / "disk"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "out of core: estimated peak memory" in captured.err
+    assert "s/block" in captured.err and "left" in captured.err
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["offload"] and report["summary"]["blocks"] == pytest.approx(0.5)
+    assert main([*common, "--offload", "none", "--out", str(tmp_path / "memory")]) == 0
+    assert "in memory: estimated peak memory" in capsys.readouterr().err
+    disk = T.AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    memory = T.AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
+    for name, tensor in memory.state_dict().items():
+        assert torch.equal(disk.state_dict()[name], tensor), name
+    assert (tmp_path / "disk" / "tokenizer.json").is_file()
+    assert main([*common, "--offload", "none", "--resume", "--out", str(tmp_path / "x")]) != 0
+    assert "use it with --offload disk" in capsys.readouterr().err
+    assert main([*common, "--offload", "disk"]) != 0
+    assert "give --out FOLDER" in capsys.readouterr().err
+
+
+def test_workflow_exposes_the_memory_estimate(tmp_path):
+    from workbench import workflow
+
+    folder = saved(tmp_path)
+    session = workflow.Session()
+    estimate = workflow.estimate_prune_memory(session, {"method": "wanda", "nsamples": 8, "seqlen": 16},
+                                              source=str(folder))
+    assert estimate.offload_bytes > 0 and "estimated peak memory" in estimate.describe()
+    with pytest.raises(workflow.NoModelError):
+        workflow.estimate_prune_memory(session, {"method": "wanda"})
