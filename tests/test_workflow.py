@@ -223,3 +223,13 @@ def test_structured_channel_pruning_goes_through_the_same_run(session):
     assert removed == pytest.approx(0.25, abs=0.01)  # blocks may differ, the total is the target
     after = workflow.run_prune(session, {"method": "magnitude", "pattern": "2:4", **SMALL})
     assert after.result.summary["blocks"] == pytest.approx(0.5, abs=1e-6)  # from dense, not on top
+
+
+def test_first_stage_message_shows_time_and_memory_estimates(session):
+    messages = []
+    workflow.run_prune(session, {"method": "wanda", "pattern": "2:4", **SMALL},
+                       progress=lambda fraction, message: messages.append(message))
+    first = messages[0]
+    assert first.startswith("Calibrating on 4 x 32 tokens")
+    assert re.search(r"pruning takes about \d", first) and "estimated peak memory" in first
+    assert "(in memory)" in first  # a tiny model never onloads from disk

@@ -455,6 +455,15 @@ def estimate_prune_memory(session: Session, settings: dict | PruneConfig, source
     return estimate_memory(source if source is not None else session.model, config)
 
 
+def _estimates_line(session: Session, config: PruneConfig) -> str:
+    """'pruning takes about 40 s, estimated peak memory 0.9 GiB (in memory); ...' for the first stage message."""
+    from workbench.estimate import estimate_prune
+    from workbench.memory import estimate_memory
+
+    return (f"pruning takes {estimate_prune(session.model, config).text}, "
+            f"{estimate_memory(session.model, config).describe()}")
+
+
 def run_prune(session: Session, settings: dict | PruneConfig, eval_tasks: Sequence[str] = (),
               limit: int | None = None, progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None, zoom_layer: str | None = None) -> PruneOutcome:
@@ -526,8 +535,9 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
             progress(start + prune_share * done / total, f"Pruning {message}" if done else f"Pruning: {message}")
 
     if progress is not None:
-        progress(start, f"Calibrating on {config.nsamples} x {config.seqlen} tokens of {config.calibration}"
+        stage = (f"Calibrating on {config.nsamples} x {config.seqlen} tokens of {config.calibration}"
                  if config.uses_calibration else f"Pruning with {config.method} (no calibration data needed)")
+        progress(start, f"{stage}; {_estimates_line(session, config)}")
     try:
         result = prune(session.model, config, tokenizer=session.tokenizer, progress=on_block, should_stop=stop)
     except BaseException:
