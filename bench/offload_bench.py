@@ -120,7 +120,10 @@ def prune_capped(args: argparse.Namespace) -> dict:
         def preexec():
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     try:
-        run = subprocess.run(argv, preexec_fn=preexec, capture_output=True, text=True)
+        # the child runs this file by path: let it import `workbench` from this checkout
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        run = subprocess.run(argv, preexec_fn=preexec, capture_output=True, text=True, env=env)
         sys.stderr.write(run.stderr[-3000:])
         result = {"returncode": run.returncode}
         lines = [line for line in run.stdout.splitlines() if line.startswith("{")]

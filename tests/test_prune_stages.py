@@ -94,7 +94,7 @@ def test_workflow_says_a_data_free_prune_needs_no_calibration(tmp_path):
     outcome = workflow.run_prune(session, {"method": "magnitude", "sparsity": 0.5},
                                  progress=lambda fraction, message: said.append(message))
     assert set(outcome.table["Calibration dataset"]) == {"none (data-free method)"}
-    assert said[0] == "Pruning with magnitude (no calibration data needed)"
+    assert said[0].startswith("Pruning with magnitude (no calibration data needed); pruning takes about")
     assert not any("alibrat" in message for message in said[1:])
     sparsegpt = workflow.run_prune(session, {"method": "sparsegpt", "nsamples": 4, "seqlen": 32},
                                    progress=lambda fraction, message: said.append(message))

@@ -101,13 +101,20 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--seqlen", type=positive_int, default=512, help="perplexity window length")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    from workbench import cli_offload_eval
+
+    cli_offload_eval.add_arguments(parser)
     parser.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench import cli_offload_eval
     from workbench.evaluate import check_tasks, evaluate
 
     tasks = check_tasks(split_list(args.task) or ["lambada", "wikitext2"])
+    status = cli_offload_eval.evaluate_command(args, tasks, emit_json, format_results)
+    if status is not None:  # evaluated out of core
+        return status
     loaded = load_from_args(args)
     if "wikitext2" in tasks:
         from workbench.guards import check_seqlen

@@ -242,7 +242,12 @@ def _window_nll(model, inputs: torch.Tensor) -> list[float]:
         logits = model(input_ids=inputs, attention_mask=mask).logits
         return [F.cross_entropy(logits[row, :-1].float(), inputs[row, 1:], reduction="mean").item()
                 for row in range(inputs.shape[0])]
-    hidden = _final_hidden(model, inputs, mask)
+    return window_nll_from_hidden(model, _final_hidden(model, inputs, mask), inputs)
+
+
+def window_nll_from_hidden(model, hidden: torch.Tensor, inputs: torch.Tensor) -> list[float]:
+    """Mean next-token NLL of each row of `inputs` from its final hidden states (batch, seq,
+    hidden): the LM head and log-softmax of `model` run on a bounded number of positions at a time."""
     step = _positions_per_chunk(model)
     out = []
     for row in range(inputs.shape[0]):
@@ -452,6 +457,21 @@ def perplexity(
     `seqlen - 1` next-token predictions. The result's "convention" says which was used.
     """
     started = time.perf_counter()
+    all_windows = perplexity_windows(tokenizer, text, seqlen, limit, bos_per_window)
+    windows = all_windows.shape[0]
+    device = _device_of(model)
+    window_nll: list[float] = []
+    reporter = _Reporter(windows, f"perplexity ({seqlen}-token windows)", progress, "window")
+    for batch in _batches(list(range(windows)), batch_size):
+        window_nll += _window_nll(model, all_windows[batch].to(device))
+        reporter.update(len(batch))
+    reporter.close()
+    return perplexity_result(window_nll, seqlen, bos_per_window, time.perf_counter() - started)
+
+
+def perplexity_windows(tokenizer, text: str, seqlen: int, limit: int | None = None,
+                       bos_per_window: bool = False) -> torch.Tensor:
+    """The (windows, seqlen) token ids `perplexity` scores (see its docstring for the conventions)."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -471,24 +491,23 @@ def perplexity(
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if limit is not None:
         windows = min(windows, limit)
-    device = _device_of(model)
     all_windows = ids[: windows * stride].view(windows, stride)
     if bos_per_window:
         all_windows = torch.cat([torch.full((windows, 1), int(bos), dtype=all_windows.dtype), all_windows], dim=1)
-    window_nll: list[float] = []
-    reporter = _Reporter(windows, f"perplexity ({seqlen}-token windows)", progress, "window")
-    for batch in _batches(list(range(windows)), batch_size):
-        window_nll += _window_nll(model, all_windows[batch].to(device))
-        reporter.update(len(batch))
-    reporter.close()
+    return all_windows
+
+
+def perplexity_result(window_nll: list[float], seqlen: int, bos_per_window: bool, seconds: float) -> dict:
+    """`perplexity`'s result from each window's mean next-token NLL."""
+    windows = len(window_nll)
     return {
         **perplexity_summary(window_nll),
-        "perplexity": math.exp(sum(window_nll) / len(window_nll)),
+        "perplexity": math.exp(sum(window_nll) / windows),
         "windows": windows,
         "seqlen": seqlen,
         "tokens": windows * seqlen,
         "convention": window_convention(seqlen, bos_per_window),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "items": {"nll": window_nll},
         "item_ids": list(range(windows)),
     }

@@ -79,6 +79,28 @@ class CheckpointReader:
                                "pruning reads safetensors checkpoints. Re-save the model with "
                                "save_pretrained(folder, safe_serialization=True)")
 
+        self.stored_name: dict[str, str] = {}  # model name -> name in the file, where they differ
+
+    def adopt_names(self, model: nn.Module) -> None:
+        """Read the checkpoint under the names `model` uses: transformers renames some weights
+        between file and model (GPT-NeoX stores `lm_head` as `embed_out`)."""
+        import re
+
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = [(source, target) for transform in get_model_conversion_mapping(model)
+                   if type(transform) is WeightRenaming
+                   for source, target in zip(transform.source_patterns, transform.target_patterns)]
+        known = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        for stored in list(self.file_of):
+            renamed = stored
+            for source, target in renames:
+                renamed = re.sub(source, target, renamed)
+            if renamed != stored and renamed in known and renamed not in self.file_of:
+                self.file_of[renamed] = self.file_of.pop(stored)
+                self.stored_name[renamed] = stored
+
     def names(self) -> list[str]:
         return list(self.file_of)
 
@@ -92,7 +114,7 @@ class CheckpointReader:
         for file, wanted in by_file.items():
             with safe_open(self.folder / file, framework="pt") as handle:
                 for name in wanted:
-                    tensors[name] = handle.get_tensor(name)
+                    tensors[name] = handle.get_tensor(self.stored_name.get(name, name))
             _drop_cached(self.folder / file)  # each block is read once: keep the page cache small
         return tensors
 
@@ -129,6 +151,7 @@ def _block_prefix(layout: ModelLayout, index: int) -> str:
 def load_outside_blocks(model: nn.Module, layout: ModelLayout, reader: CheckpointReader) -> None:
     """Load every parameter that is not in a decoder block (embeddings, final norm, LM head)."""
     prefix = layout.blocks_name + "."
+    reader.adopt_names(model)
     wanted = [name for name, _ in model.named_parameters() if not name.startswith(prefix)]
     present = [name for name in wanted if name in reader.file_of]
     model.load_state_dict(reader.read(present), strict=False, assign=True)

@@ -40,6 +40,7 @@ from workbench.sweep import (
     _save_figures,
     _table,
     default_evaluator,
+    keep_point,
     measure_dense,
     measure_point,
     point_key,
@@ -245,13 +246,7 @@ def run_ray_sweep(source: str, config: SweepConfig, run_dir: str | Path | None =
         return f"done {len(rows)}/{total}, running {state['running']}, failed {len(failed)}"
 
     def finish(key: str, row: dict, fresh: bool) -> None:
-        row = {**row, "key": key}
-        if fresh and run is not None:
-            run.save_point(key, row)
-            run.log(f"point {key} done")
-        rows.append(row)
-        if on_point is not None:
-            on_point(row)
+        keep_point(run, rows, on_point, key, row, fresh)
         if progress is not None:
             progress(len(rows) + len(failed), total, f"{key} ({status()})")
 

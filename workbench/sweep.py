@@ -242,6 +242,18 @@ def _calibration(config: SweepConfig, calibration, tokenizer):
                             seqlen=config.seqlen, seed=config.seed)
 
 
+
+def keep_point(run, rows: list[dict], on_point, key: str, row: dict, fresh: bool) -> None:
+    """A finished point: saved to the run store when it is new (not resumed), kept, announced."""
+    row = {**row, "key": key}
+    if fresh and run is not None:
+        run.save_point(key, row)
+        run.log(f"point {key} done")
+    rows.append(row)
+    if on_point is not None:
+        on_point(row)
+
+
 def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | Path | None = None,
               progress: Callable[[int, int, str], None] | None = None,
               should_stop: Callable[[], bool] | None = None,
@@ -276,14 +288,8 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
     counter = {"done": 0}
 
     def finish(key: str, row: dict, fresh: bool) -> None:
-        row = {**row, "key": key}
-        if fresh and run is not None:
-            run.save_point(key, row)
-            run.log(f"point {key} done")
-        rows.append(row)
+        keep_point(run, rows, on_point, key, row, fresh)
         counter["done"] += 1
-        if on_point is not None:
-            on_point(row)
         if progress is not None:
             progress(counter["done"], total, f"{key} ({counter['done']}/{total})")
 
