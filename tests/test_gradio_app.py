@@ -104,8 +104,8 @@ def test_load_prune_sweep_export_through_the_api(server, folders, tmp_path):
     runs, _ = app.predict(api_name="/runs")
     assert any(r["kind"] == "prune" and r["pattern"] == "2:4" for r in rows(runs))
 
-    # method, sparsities, N:M points, mode, scope, calibration, nsamples, seqlen, tasks, limit
-    job = app.submit(["magnitude"], "0.5", ["2:4"], "exact", "all", "wikitext2", 4, 32, ["lambada"], 2,
+    # method, sparsities, N:M points, mode, scope, calibration, nsamples, seqlen, tasks, limit, backend, address
+    job = app.submit(["magnitude"], "0.5", ["2:4"], "exact", "all", "wikitext2", 4, 32, ["lambada"], 2, "local", "",
                      api_name="/sweep")
     status, points, curve, model_line = job.result()
     assert status.startswith("Sweep finished: 3 points")

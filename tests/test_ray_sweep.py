@@ -209,3 +209,18 @@ def test_cli_and_workflow_run_on_ray(ray_instance, model_folder, data_dir, tmp_p
                                eval_seqlen=32, nsamples=4, seqlen=16)
     assert [len(t) for t in tables] == [1, 2] and len(table) == 2
     assert load_run(tmp_path / "app").meta["execution"]["backend"] == "ray"
+
+
+def test_notebook_panel_sweeps_on_ray(ray_instance, model_folder):
+    pytest.importorskip("ipywidgets")
+    from workbench.ui.widgets import Workbench
+
+    wb = Workbench(str(model_folder), method="magnitude", pattern="unstructured", nsamples=4, seqlen=16,
+                   eval_tasks=("wikitext2",), eval_limit=2, background=False, show=False)
+    wb.sweep_methods.value = ("magnitude",)
+    wb.sweep_sparsities.value = "0.5"
+    wb.sweep_backend.value = "ray"
+    table = wb.sweep(wait=True)
+    assert wb.error == "", wb.error
+    assert list(table["method"]) == ["dense", "magnitude"]
+    assert table.attrs["failed"] == {}  # set by the Ray backend only

@@ -190,7 +190,8 @@ def connect(address: str | None) -> bool:
         import workbench
 
         # Ship this package to the workers, so a cluster needs only the dependencies installed.
-        runtime_env.update(py_modules=[workbench], excludes=["__pycache__"])
+        # a path, not the module object: Ray Client (ray://) pickles the runtime env, and modules do not pickle
+        runtime_env.update(py_modules=[str(Path(workbench.__file__).parent)], excludes=["__pycache__"])
         kwargs["address"] = address
     try:
         ray.init(**kwargs)

@@ -337,7 +337,7 @@ def _curve(table: pd.DataFrame):
 
 def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_patterns: list[str],
               mode: str, scope: str, calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
-              progress=gr.Progress()) -> Iterator:
+              backend: str = "local", address: str = "", progress=gr.Progress()) -> Iterator:
     """Stream the sweep: status, table and curve after every finished point."""
     values = _floats(sparsities)
     if not values and not nm_patterns:
@@ -351,7 +351,8 @@ def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm
     with _job(session, "the sweep"):
         for table in workflow.iter_sweep(session, methods, values, nm_patterns, tasks, _limit(limit),
                                          run_dir=run_dir, progress=_reporter(progress), mode=mode, scope=scope,
-                                         calibration=calibration, nsamples=nsamples, seqlen=seqlen):
+                                         calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                                         backend=backend or "local", address=(address or "").strip() or None):
             yield f"{len(table)} of {total} points done (the dense model first) ...", table, _curve(table), \
                 _model_line(session)
     done = f"Sweep stopped after {len(table)} of {total} points" if len(table) < total \
@@ -520,6 +521,12 @@ def build_app() -> gr.Blocks:
                 sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
                                         info=_bound(limits.max_eval))
             with gr.Row():
+                sweep_backend = gr.Radio(["local", "ray"], value="local", label="run on",
+                                         info="ray: every point a Ray task on the cluster at the address",
+                                         visible=not limits.public)
+                sweep_address = gr.Textbox(os.environ.get("RAY_ADDRESS", ""), label="Ray address",
+                                           placeholder="auto, ray://host:10001", visible=not limits.public)
+            with gr.Row():
                 sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
             sweep_status = gr.Markdown(elem_id="sweep-status")
@@ -527,7 +534,8 @@ def build_app() -> gr.Blocks:
             sweep_table = gr.Dataframe(label="points", interactive=False, elem_id="sweep-table")
             sweep_button.click(
                 run_sweep, [session, sweep_methods, sweep_sparsities, sweep_nm, sweep_mode, sweep_scope,
-                            sweep_calibration, sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit],
+                            sweep_calibration, sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit,
+                            sweep_backend, sweep_address],
                 [sweep_status, sweep_table, curve, model_line], api_name="sweep", concurrency_id=WORK)
             sweep_cancel.click(cancel, session, sweep_status, api_name="cancel_sweep", queue=False)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -157,6 +158,10 @@ class Workbench:
         self.sweep_nm = W.SelectMultiple(options=NM_PATTERNS, value=(), rows=2, description="N:M points",
                                          style=label)
         self.sweep_mode = W.Dropdown(options=["exact", "fast"], value="exact", description="mode", style=label)
+        self.sweep_backend = W.Dropdown(options=["local", "ray"], value="local", description="run on", style=label,
+                                        tooltip="ray: every point a Ray task on the cluster at the address")
+        self.sweep_address = W.Text(value=os.environ.get("RAY_ADDRESS", ""), placeholder="auto, ray://host:10001",
+                                    description="Ray address", style=label)
         self.sweep_button = W.Button(description="Sweep", button_style="primary", icon="line-chart")
         self.curve = W.Image(format="png", layout=W.Layout(max_width="900px"))
         self.sweep_html = W.HTML("")
@@ -176,7 +181,7 @@ class Workbench:
             self.error_heatmap,
             W.VBox([self.summary, self.timings]),
             W.VBox([W.HBox([self.sweep_methods, self.sweep_nm]), W.HBox([self.sweep_sparsities, self.sweep_mode]),
-                    self.sweep_button, self.curve, self.sweep_html]),
+                    W.HBox([self.sweep_backend, self.sweep_address]), self.sweep_button, self.curve, self.sweep_html]),
             W.VBox([W.HBox([self.export_root, self.export_name]),
                     W.HBox([self.export_formats, W.VBox([self.export_overwrite, self.export_zip])]),
                     self.export_button, self.export_html]),
@@ -293,7 +298,8 @@ class Workbench:
         if not self._check(problems):
             return None
         options = {"scope": self.scope.value, "calibration": self.calibration.value,
-                   "nsamples": self.nsamples.value, "seqlen": self.seqlen.value, "mode": self.sweep_mode.value}
+                   "nsamples": self.nsamples.value, "seqlen": self.seqlen.value, "mode": self.sweep_mode.value,
+                   "backend": self.sweep_backend.value, "address": self.sweep_address.value.strip() or None}
         self.sweep_table = None
         self._start("the sweep", lambda progress: self._sweep(methods, sparsities, nm, tasks, limit, options,
                                                               progress), wait)
