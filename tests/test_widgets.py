@@ -238,3 +238,11 @@ def test_out_of_range_sparsity_is_refused_not_clamped(tiny_folder):
     assert wb.sparsity.value == 1.5  # the field keeps what was typed
     wb.run_button.click()
     assert "1.5 is outside [0, 1)" in wb.error and wb.result is None
+
+
+def test_typed_lm_eval_tasks_join_the_ticked_ones(tiny_folder):
+    wb = panel(tiny_folder, eval_tasks=("lambada", "lm-eval:my_local_task"))
+    assert wb.eval_tasks.value == ("lambada",) and wb.eval_more.value == "lm-eval:my_local_task"
+    assert "lm-eval:hellaswag" in wb.eval_tasks.options  # the papers' suite is listed
+    wb.eval_more.value = "lm-eval:a, lm-eval:b"
+    assert wb._eval_settings()[0] == ("lambada", "lm-eval:a", "lm-eval:b")

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from workbench import workflow
+from workbench.evaluate import PRESETS
 from workbench.limits import LimitError, Limits, scrub, variable_for
 from workbench.prune import PruneCancelled
 
@@ -38,7 +39,9 @@ SOURCE_CHOICES = ["bundled default", "hub id", "local folder or .gguf path", "up
 PATTERNS = ["unstructured", "2:4", "4:8", "channel", "head"]
 SCOPES = ["all", "mlp", "attention"]
 CALIBRATION_SOURCES = ["wikitext2", "pile10k", "c4", "lambada"]
-EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2", "zero-shot"]  # zero-shot: lm-eval, needs its data
+# zero-shot and lm-eval:NAME run through lm-eval and need its task data; any installed task can be typed
+EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2", "zero-shot", *PRESETS["zero-shot"]]
+EVAL_INFO = "search, or type lm-eval:NAME for any installed lm-eval task"
 EXPORT_FORMATS = ["masked", "compact", "slimmed"]
 WORK = "work"  # the concurrency group every heavy event shares
 
@@ -474,7 +477,8 @@ def build_app() -> gr.Blocks:
                                      label="calibration samples", info=_bound(limits.max_nsamples))
                 seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
                                    info=_bound(limits.max_seqlen))
-                tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
+                tasks = gr.Dropdown(EVAL_TASKS, value=["lambada"], multiselect=True, allow_custom_value=True,
+                                        label="evaluation", info=EVAL_INFO)
                 limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
                                   info="LAMBADA passages / WikiText-2 windows" + _bound(limits.max_eval, ", "))
             with gr.Row():
@@ -517,7 +521,8 @@ def build_app() -> gr.Blocks:
                                            label="calibration samples", info=_bound(limits.max_nsamples))
                 sweep_seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
                                          info=_bound(limits.max_seqlen))
-                sweep_tasks = gr.CheckboxGroup(EVAL_TASKS, value=["lambada"], label="evaluation")
+                sweep_tasks = gr.Dropdown(EVAL_TASKS, value=["lambada"], multiselect=True, allow_custom_value=True,
+                                        label="evaluation", info=EVAL_INFO)
                 sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
                                         info=_bound(limits.max_eval))
             with gr.Row():

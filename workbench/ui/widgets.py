@@ -38,7 +38,7 @@ except ImportError as error:  # the core and the Gradio app do not need it
 import pandas as pd
 
 from workbench import plots, workflow
-from workbench.evaluate import TASKS
+from workbench.evaluate import PRESETS, TASKS
 from workbench.limits import Limits
 from workbench.patterns import PatternError, parse_pattern
 from workbench.prune import PruneCancelled
@@ -133,8 +133,12 @@ class Workbench:
         self.nsamples = W.IntText(value=nsamples, description="windows", layout=wide, style=label,
                                   tooltip="calibration windows")
         self.seqlen = W.IntText(value=seqlen, description="tokens/window", layout=wide, style=label)
-        self.eval_tasks = W.SelectMultiple(options=[*TASKS, "zero-shot"], value=tuple(eval_tasks), rows=4,
+        listed = [*TASKS, "zero-shot", *PRESETS["zero-shot"]]
+        typed = [name for name in eval_tasks if name not in listed]  # any other lm-eval:NAME goes in the text box
+        self.eval_tasks = W.SelectMultiple(options=listed, value=tuple(n for n in eval_tasks if n in listed), rows=4,
                                            description="evaluate", layout=wide, style=label)
+        self.eval_more = W.Text(value=", ".join(typed), placeholder="lm-eval:NAME, ... (any installed task)",
+                                description="more tasks", layout=wide, style=label)
         self.eval_limit = W.IntText(value=eval_limit or 0, description="eval size", layout=wide, style=label,
                                     tooltip="LAMBADA passages / WikiText-2 windows; 0 = the full sets")
 
@@ -195,7 +199,7 @@ class Workbench:
             self.model_status,
             W.HBox([W.VBox([self.method, self.pattern, self.sparsity, self.scope]),
                     W.VBox([self.calibration, self.nsamples, self.seqlen]),
-                    W.VBox([self.eval_tasks, self.eval_limit])]),
+                    W.VBox([self.eval_tasks, self.eval_more, self.eval_limit])]),
             W.HBox([self.run_button, self.cancel_button, self.progress, self.status]),
             self.message,
             self.tabs,
@@ -244,7 +248,8 @@ class Workbench:
                 "nsamples": self.nsamples.value, "seqlen": self.seqlen.value}
 
     def _eval_settings(self) -> tuple[tuple[str, ...], int | None]:
-        return tuple(self.eval_tasks.value), (self.eval_limit.value or None)
+        typed = [name.strip() for name in self.eval_more.value.split(",") if name.strip()]
+        return (*self.eval_tasks.value, *typed), (self.eval_limit.value or None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the running job ends; False if it is still running after `timeout` s."""
