@@ -122,3 +122,25 @@ def test_prune_reads_calibration_from_data_dir(tmp_path, capsys, chars):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = load_calibration(chars, "wikitext2", nsamples=2, seqlen=16, data_dir=data)
     assert report["calibration"]["sha256"] == expected.sha256
+
+
+def test_sweep_reads_calibration_from_data_dir(tmp_path, capsys, chars):
+    """The local sweep calibrates from --data-dir too, as prune does."""
+    from tiny_models import tiny_model
+
+    from workbench.data import WIKITEXT2_CALIBRATION_FILE, load_calibration
+    from workbench.runs import load_run
+
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    chars.save_pretrained(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / WIKITEXT2_CALIBRATION_FILE).write_text("only in this folder: a calibration text. " * 50)
+    (data / "wikitext2_test.raw").write_text("some test text for perplexity windows. " * 40)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(folder), "--methods", "wanda", "--sparsities", "0.5", "--patterns", "",
+                 "--tasks", "wikitext2", "--windows", "1", "--eval-seqlen", "16", "--nsamples", "2",
+                 "--seqlen", "16", "--data-dir", str(data), "--out", str(out), "--json"]) == 0
+    expected = load_calibration(chars, "wikitext2", nsamples=2, seqlen=16, data_dir=data)
+    assert expected.sha256 in json.dumps(load_run(out).meta)

@@ -202,9 +202,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                               trust_remote_code=args.trust_remote_code, data_dir=args.data_dir)
     else:
         loaded = load_from_args(args)
+        calibration = None
+        if args.data_dir is not None:  # calibration files come from --data-dir too
+            from workbench.data import load_calibration
+
+            calibration = load_calibration(loaded.tokenizer, config.calibration, nsamples=config.nsamples,
+                                           seqlen=config.seqlen, seed=config.seed, data_dir=args.data_dir)
         table = run_sweep(loaded.model, loaded.tokenizer, config, run_dir=args.out,
                           evaluate_fn=default_evaluator(loaded.tokenizer, config, args.data_dir),
-                          model_name=loaded.resolved)
+                          calibration=calibration, model_name=loaded.resolved)
     failed = table.attrs.get("failed", {})
     from workbench.runs import load_run
 
