@@ -105,18 +105,26 @@ def test_runs_list_skips_a_run_json_of_the_wrong_shape(tmp_path, caplog, capsys)
     assert [run["name"] for run in listed["runs"]] == [good.name]
 
 
-def test_prune_reads_calibration_from_data_dir(tmp_path, capsys, chars):
-    """--data-dir holds the calibration file too (it used to be read from the default folder)."""
+def model_and_data_dir(tmp_path, tokenizer):
+    """A tiny model folder, and a data folder whose calibration text exists nowhere else."""
     from tiny_models import tiny_model
 
-    from workbench.data import WIKITEXT2_CALIBRATION_FILE, load_calibration
+    from workbench.data import WIKITEXT2_CALIBRATION_FILE
 
     folder = tmp_path / "model"
     tiny_model("llama").save_pretrained(folder)
-    chars.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     data = tmp_path / "data"
     data.mkdir()
     (data / WIKITEXT2_CALIBRATION_FILE).write_text("only in this folder: a calibration text. " * 50)
+    return folder, data
+
+
+def test_prune_reads_calibration_from_data_dir(tmp_path, capsys, chars):
+    """--data-dir holds the calibration file too (it used to be read from the default folder)."""
+    from workbench.data import load_calibration
+
+    folder, data = model_and_data_dir(tmp_path, chars)
     assert main(["prune", "--model", str(folder), "--method", "wanda", "--calib", "wikitext2",
                  "--nsamples", "2", "--seqlen", "16", "--data-dir", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -126,17 +134,10 @@ def test_prune_reads_calibration_from_data_dir(tmp_path, capsys, chars):
 
 def test_sweep_reads_calibration_from_data_dir(tmp_path, capsys, chars):
     """The local sweep calibrates from --data-dir too, as prune does."""
-    from tiny_models import tiny_model
-
-    from workbench.data import WIKITEXT2_CALIBRATION_FILE, load_calibration
+    from workbench.data import load_calibration
     from workbench.runs import load_run
 
-    folder = tmp_path / "model"
-    tiny_model("llama").save_pretrained(folder)
-    chars.save_pretrained(folder)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / WIKITEXT2_CALIBRATION_FILE).write_text("only in this folder: a calibration text. " * 50)
+    folder, data = model_and_data_dir(tmp_path, chars)
     (data / "wikitext2_test.raw").write_text("some test text for perplexity windows. " * 40)
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(folder), "--methods", "wanda", "--sparsities", "0.5", "--patterns", "",
