@@ -241,3 +241,14 @@ def test_workflow_exposes_the_memory_estimate(tmp_path):
     assert estimate.offload_bytes > 0 and "estimated peak memory" in estimate.describe()
     with pytest.raises(workflow.NoModelError):
         workflow.estimate_prune_memory(session, {"method": "wanda"})
+
+
+def test_estimate_counts_x_t_x_whenever_the_prune_collects_it():
+    # Wanda needs only input norms, but by default the error report makes the pass collect X^T X too
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    statistics = {record_error: estimate_memory(model, PruneConfig(method="wanda", record_error=record_error))
+                  .parts["statistics"] for record_error in (None, False)}
+    sparsegpt = estimate_memory(model, PruneConfig(method="sparsegpt")).parts["statistics"]
+    assert statistics[None] == sparsegpt > statistics[False]

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from workbench.arch import describe, in_out_features
-from workbench.methods import STATS_NEEDED
 
 # Fractions of the probe's matmul rate that each kind of work reaches, from the engine
 # measurements on the bundled model (BENCHMARKS.md): block forwards ~0.8 (small micro-batches
@@ -115,8 +114,7 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
         return Estimate(0.0, {}, speed)
     layout = describe(model)
     uses_data = config.uses_calibration
-    needed = STATS_NEEDED.get(config.method, "gram")
-    gram = needed == "gram" or config.reports_error
+    gram = config.collects_gram
     tokens = config.nsamples * config.seqlen if uses_data else 0
     forward = gram_flops = solve_flops = solve_ops = 0.0
     for block in layout.blocks:

@@ -108,13 +108,9 @@ def check_finite_activations(tensors: list[torch.Tensor], where: str) -> None:
 def check_before_prune(model: nn.Module, layout, config, calibration) -> None:
     """Everything about (model, config) that would make a prune wrong or crash half-way."""
     from workbench.arch import left_dense
-    from workbench.methods import STATS_NEEDED
 
     check_device(config.device)
-    uses_data = getattr(config, "uses_calibration", None)
-    if uses_data is None:
-        uses_data = STATS_NEEDED.get(config.method, "data") is not None or bool(config.record_error)
-    if uses_data and not isinstance(calibration, torch.Tensor):
+    if config.uses_calibration and not isinstance(calibration, torch.Tensor):
         seqlen = getattr(calibration, "seqlen", None) or config.seqlen
         check_seqlen(model, seqlen)
     check_finite_parameters(model)

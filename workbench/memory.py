@@ -108,11 +108,10 @@ def _unique_params(module: nn.Module) -> int:
 
 def _stats_and_workspace(layout: ModelLayout, config: PruneConfig) -> tuple[int, int]:
     """Bytes of one block's statistics and of the largest layer's solve workspace."""
-    from workbench.methods import STATS_NEEDED
 
     block = layout.blocks[0]
     linears = block.select(config.scope)
-    gram = STATS_NEEDED.get(config.method) == "gram" or config.record_error
+    gram = config.collects_gram
     # layers reading the same tensor share one accumulator: q/k/v (or qkv), gate/up
     inputs: dict[str, int] = {}
     for lin in linears:

@@ -144,6 +144,12 @@ class PruneConfig:
         return self.method not in METHODS or STATS_NEEDED.get(self.method) is not None
 
     @property
+    def collects_gram(self) -> bool:
+        """Whether the statistics pass accumulates X^T X (element-wise methods; structured plans decide
+        their own needs in the driver)."""
+        return STATS_NEEDED.get(self.method, "gram") == "gram" or self.reports_error
+
+    @property
     def uses_calibration(self) -> bool:
         """Whether pruning with this config reads calibration data at all."""
         return self.reports_error or self.method not in METHODS or STATS_NEEDED[self.method] is not None
