@@ -8,6 +8,8 @@
         --sparsity 0.5 --cap 4G --out /tmp/wb-bench/out-7b-wanda
     # bundled model: out-of-core vs in-memory (identical masks and perplexity)
     python bench/offload_bench.py bundled
+    # bundled model: LAMBADA out of core vs in memory
+    python bench/offload_bench.py lambada --data-dir ../shared/data --limit 40
 
 The random weights make the perplexities meaningless; what is measured is memory and time.
 Calibration is a random-token tensor (nsamples x seqlen), seeded.
@@ -184,8 +186,9 @@ def run(args: argparse.Namespace) -> dict:
     stamps = []
     started = time.perf_counter()
 
-    def progress(done, total, message):
-        if done:  # done == 0: messages of the stages before the first block
+    def progress(fraction: float, message: str) -> None:
+        # fraction 0, or "time left known" (a resumed run's first block): messages before a block is done
+        if fraction and "time left known" not in message:
             stamps.append(time.perf_counter() - started)
         print(message, file=sys.stderr, flush=True)
 
@@ -248,6 +251,29 @@ def bundled(args: argparse.Namespace) -> dict:
             "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
+def bundled_lambada(args: argparse.Namespace) -> dict:
+    """LAMBADA (last word, last token) of the bundled model: in memory vs one block at a time."""
+    from workbench.data import load_lambada
+    from workbench.evaluate import _lambada
+    from workbench.models import converted_default, load_model
+    from workbench.offload_eval import lambada_from_disk
+
+    folder = converted_default()
+    texts = load_lambada(args.data_dir, limit=args.limit)
+    loaded = load_model(str(folder))
+    t0 = time.perf_counter()
+    memory = _lambada(loaded.model, loaded.tokenizer, texts, 16, None, None, last_word=True, last_token=True)
+    t1 = time.perf_counter()
+    disk = lambada_from_disk(folder, texts, batch_size=16)
+    out = {"n": len(texts), "seconds_in_memory": t1 - t0, "seconds_out_of_core": time.perf_counter() - t1,
+           "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+    for task in memory:
+        out[task] = {"in_memory": memory[task]["accuracy"], "out_of_core": disk[task]["accuracy"],
+                     "same_items": memory[task]["items"]["accuracy"] == disk[task]["items"]["accuracy"]}
+    out["lambada_perplexity"] = [memory["lambada"]["perplexity"], disk["lambada"]["perplexity"]]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -279,11 +305,14 @@ def main() -> None:
     b.add_argument("--seqlen", type=int, default=256)
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--data-dir", default=None)
+    lam = sub.add_parser("lambada")
+    lam.add_argument("--limit", type=int, default=40)
+    lam.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     if args.cmd == "build":
         build(args.shape, args.out)
         return
-    result = {"prune": prune_capped, "_run": run, "bundled": bundled}[args.cmd](args)
+    result = {"prune": prune_capped, "_run": run, "bundled": bundled, "lambada": bundled_lambada}[args.cmd](args)
     print(json.dumps(result))
 
 

@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runs_outside_the_repository(tmp_path_factory):
+    """Commands that record runs (prune, sweep) write them under a temporary run store."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_RUNS", str(tmp_path_factory.mktemp("runs")))
+        yield
+
+
 def char_tokenizer():
     """One token per character (vocab 97 < the tiny models' 128), built without downloads."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -94,3 +94,24 @@ def test_block_sensitivity_restores_weights():
     assert all(torch.equal(before[n], after[n]) for n in before)
     with pytest.raises(ValueError, match="unknown method"):
         block_sensitivity(model, CALIB, target=0.5, method="nope")
+
+
+def test_block_sensitivity_refuses_a_method_without_an_element_wise_form():
+    with pytest.raises(ValueError, match="retrain-free removes whole channels or heads: block sensitivity prunes "
+                                         r"single weights, choose one of \['magnitude', 'sparsegpt', 'wanda'\]"):
+        block_sensitivity(tiny_model("llama"), CALIB, target=0.5, method="retrain-free")
+
+
+def test_outlier_ratios_count_wanda_scores_above_m_times_the_block_mean():
+    from workbench.methods.wanda import wanda_scores
+
+    model = tiny_model("llama")
+    cache = collect_dense_stats(model, PruneConfig(method="wanda"), calibration=CALIB, gram=False)
+    block = describe(model).blocks[1]
+    with torch.no_grad():  # one loud input feature in block 1's down projection
+        weight_of(block.select("mlp")[-1].module)[:, 3] *= 1000
+    scores = torch.cat([wanda_scores(weight_of(lin.module).float(), cache.dense_stats[lin.full_name]).flatten()
+                        for lin in block.select("all")])
+    ratios = outlier_ratios(model, cache, m=5.0)
+    assert ratios[1] == pytest.approx(float((scores > 5.0 * scores.mean()).float().mean()))
+    assert ratios[1] > 0

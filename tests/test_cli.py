@@ -77,3 +77,36 @@ def test_evaluate_table_on_bundled_model(capsys, bundled, data_dir):
                  "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert "wikitext2" in out and "perplexity" in out
+
+
+def test_budgeted_sweep_from_the_command_line(tmp_path, capsys, data_dir):
+    from test_workflow import save_tiny
+
+    from workbench.runs import load_run
+
+    folder = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "run"
+    code = main(["sweep", "--model", folder, "--methods", "magnitude", "--sparsities", "0.3,0.9", "--patterns", "",
+                 "--tasks", "wikitext2", "--limit", "16", "--eval-seqlen", "24", "--nsamples", "4", "--seqlen", "16",
+                 "--data-dir", str(data_dir), "--budget", "40", "--first", "4", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert [row["method"] for row in report["rows"]] == ["dense", "magnitude", "magnitude"]
+    assert all(4 <= row["items"] <= 16 for row in report["rows"])
+    assert report["items_used"] == sum(row["items"] for row in report["rows"]) <= 40
+    run = load_run(out)
+    assert report["run"] == str(out) and run.kind == "budgeted-sweep" and run.status == "done"
+    assert run.config["budget"] == 40 and run.config["first"] == 4
+    assert run.load_json("budget")["items_used"] == report["items_used"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--first", "4"], "--first has no effect here"),
+    (["--budget", "40", "--windows", "4"], "--windows has no effect here"),
+    (["--budget", "40", "--backend", "ray"], "a budgeted sweep runs in this process"),
+])
+def test_budgeted_sweep_bad_options(tmp_path, capsys, argv, message):
+    assert main(["sweep", "--out", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

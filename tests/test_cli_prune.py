@@ -9,7 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from workbench.arch import describe, weight_of
 from workbench.cli import main, save_model_folder
+from workbench.model_card import model_card
 from workbench.prune import PruneConfig, prune
+from workbench.recipe import read_recipe
+from workbench.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +125,74 @@ def test_saved_folder_reloads_with_identical_logits(tmp_path):
     ids = token_batch(2, 12, seed=5)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_prune_records_a_run_like_the_uis(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--sparsity", 0.3, "--json")
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    run = load_run(report["run"])
+    assert run.path.parent == tmp_path / "runs" and f"run: {run.path}" in stdout
+    assert run.kind == "prune" and run.status == "done"
+    assert run.config["method"] == "magnitude" and run.config["sparsity"] == 0.3
+    assert run.load_json("results")["sparsity"]["blocks"] == pytest.approx(report["summary"]["blocks"])
+    assert len(run.load_table("sparsity")) > 0 and (run.path / "heatmap.png").is_file()
+
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "magnitude", "--no-record", "--json")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["run"] is None
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]
+
+
+def test_pruned_folder_carries_its_recipe_into_a_later_export(tiny_folder, calib_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "wanda", "--pattern", "2:4",
+                                "--calib", calib_file, "--nsamples", 4, "--seqlen", 32, "--out", out, "--json")
+    assert code == 0, err
+    saved = read_recipe(out)
+    assert saved.config.method == "wanda" and saved.config.pattern == "2:4"
+    assert saved.model["source"] == str(tiny_folder) and saved.result["masks_sha256"]
+    # the run records where the model went
+    assert load_run(json.loads(stdout.strip().splitlines()[-1])["run"]).meta["out"] == str(out)
+
+    code = main(["export", "--model", str(out), "--name", "again", "--root", str(tmp_path / "exports"),
+                 "--no-zip", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    exported = tmp_path / "exports" / "again"
+    assert read_recipe(exported).raw["prune"] == saved.raw["prune"]
+    card = (exported / "README.md").read_text()
+    assert "No prune config was recorded" not in card and "**wanda**, pattern **2:4**" in card
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert title == f"# Pruned {tiny_folder.name}"  # the model's name, not the local path
+
+
+@pytest.mark.parametrize("source, name", [
+    ("/home/someone/models/llama-7b", "llama-7b"),
+    ("/home/someone/models/llama-7b/", "llama-7b"),
+    ("C:\\models\\phi.gguf", "phi.gguf"),
+    ("", "model"),
+])
+def test_model_card_title_is_a_name_not_a_path(source, name):
+    card = model_card({"model": {"source": source, "kind": "local"}, "prune": {"method": "magnitude"}},
+                      {"blocks": 0.5, "matmul": 0.5, "mlp": 0.5, "attention": 0.5})
+    assert f"# Pruned {name}\n" in card
+    hub = model_card({"model": {"source": "owner/name", "kind": "hub"}}, {"blocks": 0.0})
+    assert "# Pruned owner/name\n" in hub
+
+
+def test_out_of_core_prune_writes_its_recipe_and_records_a_run(tiny_folder, calib_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(capsys, "--model", tiny_folder, "--method", "wanda", "--pattern", "2:4",
+                                "--calib", calib_file, "--nsamples", 4, "--seqlen", 32, "--offload", "disk",
+                                "--out", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["offload"] is True and report["summary"]["blocks"] == pytest.approx(0.5)
+    recipe = read_recipe(out)
+    assert recipe.config.method == "wanda" and recipe.model["source"] == str(tiny_folder)
+    assert "masks_sha256" not in recipe.result  # the masks live in the written weights only
+    run = load_run(report["run"])
+    assert run.status == "done" and run.meta["offload"] is True and run.meta["out"] == str(out)
+    assert run.load_json("results")["sparsity"]["blocks"] == pytest.approx(0.5)

@@ -27,7 +27,7 @@ from workbench.distributed import (
     split_solves,
     window_range,
 )
-from workbench.methods import METHODS
+from workbench.methods import METHODS, elementwise_methods
 from workbench.patterns import parse_pattern
 from workbench.stats import InputStats
 
@@ -129,6 +129,7 @@ def test_torchrun_command_line_rank0_alone_prints_and_writes(saved_model, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1, done.stdout  # rank 1 prints nothing
+    assert done.stderr.count("estimated peak memory") == 1, done.stderr[-3000:]  # nor the estimate
     report = json.loads(reports[0])
     assert report["calibration"]["nsamples"] == 8  # the whole set, not one rank's share
     assert done.stdout.count("saved:") == 1
@@ -191,7 +192,7 @@ def test_merged_sums_equal_the_statistics_of_all_tokens():
 
 def test_single_process_split_solves_is_a_plain_loop():
     weights = [torch.randn(8, 16), torch.randn(4, 16)]
-    solved = split_solves(METHODS["magnitude"], weights, [None, None], parse_pattern("2:4"), 0.5)
+    solved = split_solves(METHODS["magnitude"].prune, weights, [None, None], parse_pattern("2:4"), 0.5)
     for weight, (new_weight, keep) in zip(weights, solved):
         assert torch.equal(new_weight, weight * keep)
         assert int(keep.sum()) == weight.numel() // 2
@@ -204,7 +205,7 @@ def test_retrain_free_is_refused_across_processes():
         check_supported("retrain-free", ranks=Ranks(1, 2))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", elementwise_methods())
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_statistics_and_methods_follow_the_weights_device(method, pattern):
     """On the meta device any tensor made on CPU by mistake fails loudly (a CPU tensor cannot
@@ -212,6 +213,6 @@ def test_statistics_and_methods_follow_the_weights_device(method, pattern):
     stats = InputStats(64, gram=True, device="meta")
     stats.add_batch(torch.empty(2, 5, 64, device="meta"))
     assert {stats.gram.device.type, stats.hessian().device.type, stats.input_norms().device.type} == {"meta"}
-    new_weight, keep = METHODS[method](torch.empty(32, 64, device="meta"), stats, parse_pattern(pattern), 0.5)
+    new_weight, keep = METHODS[method].prune(torch.empty(32, 64, device="meta"), stats, parse_pattern(pattern), 0.5)
     assert new_weight.device.type == keep.device.type == "meta"
     assert keep.dtype == torch.bool and keep.shape == (32, 64)

@@ -133,6 +133,44 @@ def test_evaluate_tasks_and_limit(chars, data_dir):
         evaluate(model, chars, tasks=("mmlu",))
 
 
+def test_a_new_task_is_a_loader_and_one_table_entry(chars, monkeypatch):
+    from workbench import evaluate as ev
+    from workbench.sweep import SweepConfig, default_evaluator
+
+    loads = []
+
+    def load_toy(settings):
+        loads.append(settings.limit)
+        return LONG_TEXT
+
+    toy = ev.Task(load_toy, ev._score_perplexity, labels={"perplexity": "toy-text perplexity"},
+                  dataset="toy text", unit="window")
+    monkeypatch.setitem(ev.TASKS, "toy", toy)
+    assert "toy" in ev.task_names() and ev.check_tasks(["toy"]) == ["toy"]
+    assert ev.dataset_name("toy") == "toy text" and ev.windowed("toy") and not ev.windowed("lambada")
+    model = tiny_model("llama")
+    dense = evaluate(model, chars, tasks=("toy",), limit=2, seqlen=16)
+    assert dense["toy"]["windows"] == 2 and loads == [2]
+    table = compare(dense, dense)
+    assert table["metric"].tolist() == ["toy-text perplexity (16-token windows, no per-window BOS (SparseGPT/Wanda))"]
+    # a sweep sizes a window task by its ppl_windows and eval_seqlen, not by its limit
+    config = SweepConfig(tasks=("toy",), limit=5, ppl_windows=3, eval_seqlen=16)
+    assert default_evaluator(chars, config)(model)["toy"]["windows"] == 3
+
+
+def test_table_entries_and_presets():
+    from workbench import evaluate as ev
+
+    assert ev.task_for("lm-eval:hellaswag") is ev.TASKS[ev.LM_EVAL_PREFIX]
+    assert ev.task_for("lm-eval:") is None and ev.task_for("zero-shot") is None
+    assert ev.task_names()[:4] == ["lambada", "lambada-last-token", "wikitext2", "zero-shot"]
+    assert "lm-eval:" not in ev.task_names() and ev.dataset_name("lm-eval:boolq") == "lm-eval:boolq"
+    assert ev.metric_label("lambada-last-token", "accuracy") == "LAMBADA last-token accuracy"
+    assert ev.metric_label("lm-eval:boolq", "accuracy") == "lm-eval:boolq accuracy"
+    with pytest.raises(ValueError, match="choose from lambada, lambada-last-token, wikitext2, zero-shot"):
+        ev.check_tasks(["lambda"])
+
+
 def test_progress_callback(chars):
     seen = []
     lambada_last_word(tiny_model("llama"), chars, PASSAGES, batch_size=3, progress=lambda f, m: seen.append(f))

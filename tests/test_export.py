@@ -510,3 +510,76 @@ def test_export_carries_the_marker_but_never_zips_or_lists_it(pruned, tmp_path):
     # an empty folder of that name is not worth an overwrite
     (tmp_path / "empty").mkdir()
     assert export_model(model, None, tmp_path, "empty", result=result, make_zip=False).path.name == "empty"
+
+
+def test_zip_progress_counts_bytes_up_to_the_export_size(pruned, tmp_path, monkeypatch):
+    model, result = pruned
+    monkeypatch.setattr(ex, "_ZIP_CHUNK_BYTES", 4096)  # a tiny model still takes many chunks
+    reports: list[tuple[float, str]] = []
+    exported = export_model(model, None, tmp_path, "counted", formats=("masked", "compact"), result=result,
+                            progress=lambda fraction, message: reports.append((fraction, message)))
+    zipping = [(f, m) for f, m in reports if m.startswith("zipping ")]
+    total_mb = f"{exported.sizes['total'] / 1e6:.0f} MB"
+    assert len(zipping) > 10 and all(m.endswith(f" / {total_mb}") for _, m in zipping)
+    assert zipping[-1][1] == f"zipping {total_mb.removesuffix(' MB')} / {total_mb}"
+    fractions = [f for f, _ in zipping]
+    assert fractions == sorted(fractions) and fractions[-1] <= 1.0
+
+
+def test_zip_message_is_in_megabytes():
+    assert ex.zip_message(312_000_000, 540_400_000) == "zipping 312 / 540 MB"
+
+
+def test_a_stop_while_zipping_leaves_the_folder_but_no_zip(pruned, tmp_path, monkeypatch):
+    model, result = pruned
+    monkeypatch.setattr(ex, "_ZIP_CHUNK_BYTES", 4096)
+
+    chunks = []
+
+    def stop_after_three_chunks(fraction: float, message: str) -> None:
+        if message.startswith("zipping "):
+            chunks.append(message)
+            if len(chunks) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, None, tmp_path, "halted", result=result, progress=stop_after_three_chunks)
+    assert _listing(tmp_path) == []  # neither a half zip nor the folder it was being made from
+
+
+def test_the_app_zips_by_default_only_up_to_its_size_threshold(pruned, monkeypatch):
+    from workbench.ui import downloads
+
+    model, _ = pruned
+    size = downloads.model_bytes(model)
+    assert size == sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values()) \
+        + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert downloads.zip_by_default(model) and downloads.zip_by_default(None)
+    monkeypatch.setattr(downloads, "ZIP_DEFAULT_MAX_BYTES", size - 1)
+    assert not downloads.zip_by_default(model)
+
+
+def test_the_status_says_which_folders_load_in_stock_transformers(pruned, tmp_path):
+    from workbench.ui.downloads import folder_loaders, loaders_line
+
+    model, result = pruned
+    exported = export_model(model, None, tmp_path, "two", formats=("masked", "compact"), result=result,
+                            make_zip=False)
+    assert folder_loaders(exported.path) == {".": True, "compact": False}
+    line = loaders_line(exported.path)
+    assert line.startswith("Loads in stock transformers (`AutoModelForCausalLM.from_pretrained`): the top folder.")
+    assert line.endswith("Needs workbench to load (`workbench.compact.load_compact` or "
+                         "`workbench.slim.load_slimmed`): `compact/`.")
+
+
+def test_a_private_link_is_the_same_file_under_an_unguessable_folder(tmp_path):
+    from workbench.ui.downloads import private_link
+
+    original = tmp_path / "exports" / "model.zip"
+    original.parent.mkdir()
+    original.write_bytes(b"PK zip bytes")
+    cache = tmp_path / "cache"
+    first, second = private_link(original, cache), private_link(original, cache)
+    assert first.samefile(original) and first.read_bytes() == b"PK zip bytes"
+    assert first.parent != second.parent and len(first.parent.name) >= 32
+    assert first.parent.parent == cache and oct(first.parent.stat().st_mode & 0o777) == "0o700"

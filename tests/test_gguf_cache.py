@@ -33,15 +33,22 @@ def test_a_user_gguf_is_converted_once_then_read_from_the_cache(tmp_path, monkey
     shutil.copyfile(bundled, user_file)
 
     said: list[str] = []
-    first = models.load_model(str(user_file), progress=said.append)
-    assert any(line.startswith("Converting my-model.gguf") for line in said)
+    fractions: list[float] = []
+
+    def record(fraction: float, message: str) -> None:
+        fractions.append(fraction)
+        said.append(message)
+
+    first = models.load_model(str(user_file), progress=record)
+    assert said[0].startswith("Converting my-model.gguf")
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
     converted = list((tmp_path / "cache" / "converted").iterdir())
     assert [p.name for p in converted] == [models._content_key(user_file)]
     assert first.kind == "gguf" and first.resolved == str(user_file.resolve())
 
     said.clear()
     os.utime(user_file, (1, 1))  # a new date is not a new model
-    second = models.load_model(str(user_file), progress=said.append)
+    second = models.load_model(str(user_file), progress=record)
     assert not any(line.startswith("Converting") for line in said)
     name, weight = next(iter(first.model.state_dict().items()))
     assert torch.equal(second.model.state_dict()[name], weight)

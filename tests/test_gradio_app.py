@@ -8,7 +8,9 @@ import socket
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_workflow import save_tiny
 
@@ -16,7 +18,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from workbench import workflow  # noqa: E402
+from workbench import report  # noqa: E402
 
 FOLDER = "local folder or .gguf path"
 # method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit
@@ -87,12 +89,23 @@ def test_load_prune_sweep_export_through_the_api(server, folders, tmp_path):
     properties = {row["property"]: row["value"] for row in rows(info)}
     assert properties["decoder blocks"] == "2" and properties["architecture"] == "LlamaForCausalLM"
     assert "(dense)" in model_line
+    with pytest.raises(AppError, match="prune the model first"):
+        app.predict(["masked"], "tiny", False, api_name="/export")
 
     status, table, heatmap, mask, error, timings, layer, model_line = app.predict(*PRUNE_24, api_name="/prune")
     assert status.startswith("Pruned with sparsegpt 2:4")
-    assert table["headers"] == workflow.SUMMARY_COLUMNS
+    assert table["headers"] == report.RESULTS_COLUMNS  # metric, dense, pruned and change lead
     summary = rows(table)
     assert [r["Metric"] for r in summary] == ["LAMBADA last-word accuracy", "LAMBADA last-word perplexity"]
+    accuracy, perplexity = summary
+    assert accuracy["Change"].startswith(f"accuracy {(accuracy['Pruned'] - accuracy['Dense']) * 100:+.1f} points")
+    assert perplexity["Change"].startswith(f"perplexity x{perplexity['Pruned'] / perplexity['Dense']:.3g}")
+    shown = table["metadata"]["display_value"]  # rounded on screen, every digit in the data
+    assert shown[0][1] == f"{accuracy['Dense']:.2%}"
+    assert shown[1][2] == report.format_value("perplexity", perplexity["Pruned"]) != str(perplexity["Pruned"])
+    run_name = status.split("Saved as run `")[1].split("`")[0]  # the run store keeps every digit too
+    stored = pd.read_csv(Path(os.environ["WORKBENCH_RUNS"]) / run_name / "comparison.csv")
+    assert stored["dense"].tolist() == pytest.approx([accuracy["Dense"], perplexity["Dense"]], rel=1e-12)
     assert {r["Over MLP block sparsity"] for r in summary} == {"0.5000"}  # counted from the weights
     assert heatmap is not None and mask is not None and error is not None
     assert "prune" in {r["stage"] for r in rows(timings)}
@@ -112,11 +125,12 @@ def test_load_prune_sweep_export_through_the_api(server, folders, tmp_path):
     streamed = [len(update[1]["data"]) for update in job.outputs()[:-1]]
     assert streamed and streamed == sorted(streamed) and streamed[-1] == 3  # filled in point by point
     assert [r["method"] for r in rows(points)] == ["dense", "magnitude", "magnitude"]
-    assert curve is not None and "(dense)" in model_line  # a sweep leaves the model dense
+    column = points["headers"].index("sparsity_matmul")  # rounded on screen, every digit in the data
+    assert [row[column] for row in points["metadata"]["display_value"]] == \
+        [f"{row[column]:.4g}" for row in points["data"]]
+    # the sweep ran on the dense weights and left the pruned model as it was: export it, no second prune
+    assert curve is not None and "(pruned)" in model_line and "pruned model is unchanged" in status
 
-    with pytest.raises(AppError, match="prune the model first"):
-        app.predict(["masked"], "tiny", False, api_name="/export")
-    app.predict(*PRUNE_24, api_name="/prune")
     status, zip_path, card, sizes = app.predict(["masked"], "tiny-24", False, api_name="/export")
     assert status.startswith("Exported")
     with zipfile.ZipFile(zip_path) as archive:
@@ -251,3 +265,19 @@ def test_locally_every_session_sees_every_run_and_the_bounds_still_apply(server,
     path_args[5] = 65  # calibration samples over the default bound, named with the variable that lifts it
     with pytest.raises(AppError, match="WORKBENCH_MAX_SAMPLES"):
         first.predict(*path_args, api_name="/prune")
+
+
+def test_compared_runs_show_the_chosen_metrics_as_a_short_table_and_a_plot():
+    from workbench.ui.gradio_app import show_comparison
+
+    wide = pd.DataFrame([{"run": "p1", "status": "done", "sparsity/matmul": 0.5, "dense/lambada/accuracy": 0.3125,
+                          "sparse/lambada/accuracy": 0.25, "dense/wikitext2/perplexity": 27.123456,
+                          "sparse/wikitext2/perplexity": 80.0, "timings/prune_s": 1.5, "sparsity/mlp": 0.5}])
+    table, plot = show_comparison(wide, ["accuracy"])
+    view = table.data
+    assert list(view.columns) == ["run", "point", "sparsity", "LAMBADA last-word accuracy"]
+    assert view["point"].tolist() == ["dense", "pruned"]
+    assert "31.25%" in table.to_html() and plot is not None and plot.size[0] > 100
+    both, _ = show_comparison(wide, ["accuracy", "perplexity"])
+    assert "WikiText-2 perplexity" in both.data.columns and "27.12" in both.to_html()
+    assert show_comparison(None, ["accuracy"]) == (None, None)

@@ -146,6 +146,24 @@ def test_time_budget_stops_a_prune_cleanly_and_leaves_the_dense_weights(tiny_fol
     assert not session.limits.deadline().expired()  # every job starts a budget of its own
 
 
+def test_time_budget_spent_before_the_capture_stops_it_before_any_block(tiny_folder):
+    session = bounded_session(tiny_folder, job_seconds=1)
+    dense = block_weights(session)
+    messages = []
+
+    def slow_capture(fraction: float, message: str) -> None:
+        messages.append(message)
+        if "capturing block inputs" in message:
+            time.sleep(1.2)  # the budget runs out as the capture starts
+
+    with pytest.raises(TimeBudgetExceeded, match="time budget of 1 s") as stopped:
+        workflow.run_prune(session, {"method": "sparsegpt", "pattern": "2:4", **SMALL}, progress=slow_capture)
+    assert "capturing the calibration inputs" in str(stopped.value.__context__)  # not "before block 0"
+    assert any("capturing block inputs" in m for m in messages)
+    assert not any("block 1/" in m for m in messages)  # stopped in the capture, not after a block
+    assert all(torch.equal(dense[n], p) for n, p in block_weights(session).items())
+
+
 def test_time_budget_ends_a_sweep_with_its_finished_points(tiny_folder):
     session = bounded_session(tiny_folder, job_seconds=1)
     dense = block_weights(session)

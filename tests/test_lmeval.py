@@ -246,3 +246,166 @@ def test_cli_evaluates_a_local_lm_eval_task(model, chars, tasks_dir, tmp_path, c
                  str(tasks_dir / "hub")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # lm-eval may log warnings before it
     assert err.startswith("error: ") and "toy_hub" in err and "--include-path" in err
+
+
+# --- bounded memory, progress, the installed task list -------------------------------------------
+
+# single-token choices: lm-eval scores every choice of a question from one forward pass
+ONE_TOKEN_YAML = """task: toy_letters
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def letters_dir(tasks_dir) -> Path:
+    folder = tasks_dir / "letters"
+    folder.mkdir(exist_ok=True)
+    rows = [{"question": q + " ", "choices": ["a", "b", "c", "d"], "label": i % 4} for i, (q, _, _) in
+            enumerate(QUESTIONS)]
+    data = _write_jsonl(tasks_dir / "letters.jsonl", rows)
+    (folder / "toy_letters.yaml").write_text(ONE_TOKEN_YAML.format(data=data))
+    return folder
+
+
+def _lm(model, chars, bounded: bool, batch_size: int = 3):
+    from lm_eval.models.huggingface import HFLM
+
+    from workbench.lmeval import _bounded_lm_class
+
+    return (_bounded_lm_class() if bounded else HFLM)(pretrained=model, tokenizer=chars, batch_size=batch_size)
+
+
+def test_bounded_log_likelihoods_equal_lm_evals_own(model, chars, monkeypatch):
+    from workbench import evaluate as ev
+
+    monkeypatch.setattr(ev, "LOGITS_CHUNK_BYTES", 4 * 128 * 5)  # 5 positions per head chunk, 128-token vocabulary
+    assert ev._positions_per_chunk(model) == 5
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 60, (n,), generator=generator).tolist()
+
+    context = tokens(9)
+    requests = [(None, tokens(1 + i % 7), tokens(1 + i % 13)) for i in range(20)]  # lengths across chunks
+    requests += [(None, context, [t]) for t in (5, 6, 7)]  # one forward pass, three answers
+    bounded = _lm(model, chars, True)
+    requests += [(None, tokens(bounded.max_length), tokens(4))]  # truncated from the left
+    theirs = _lm(model, chars, False)._loglikelihood_tokens(requests, disable_tqdm=True)
+    ours = bounded._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+    assert [logprob for logprob, _ in ours] == pytest.approx([logprob for logprob, _ in theirs], rel=1e-5, abs=1e-5)
+
+    # A group whose members split context and continuation at different points: each one-token
+    # member is scored at the last position (lm-eval's own gather reads the group's first one).
+    mixed = [(None, context, [t]) for t in (5, 6, 7)] + [(None, context[:-2], context[-2:] + [8])]
+    with torch.no_grad():
+        after_context = torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
+        whole = torch.log_softmax(model(torch.tensor([context + [8]])).logits[0].float(), -1)
+    expected = [after_context[t].item() for t in (5, 6, 7)]
+    expected.append(sum(whole[len(context) - 3 + k, t].item() for k, t in enumerate(context[-2:] + [8])))
+    scored = bounded._loglikelihood_tokens(mixed, disable_tqdm=True)
+    assert [logprob for logprob, _ in scored] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_bounded_path_gives_the_same_items_on_local_tasks(model, chars, tasks_dir, letters_dir):
+    from workbench.lmeval import run_tasks
+
+    paths = [tasks_dir / "tasks", letters_dir]
+    names = ["toy_mc", "toy_lambada", "toy_letters"]
+    bounded = run_tasks(model, chars, names, include_path=paths, batch_size=4)
+    full = run_tasks(model, chars, names, include_path=paths, batch_size=4, full_logits=True)
+    for name in names:
+        assert bounded[name]["item_ids"] == full[name]["item_ids"]
+        assert bounded[name]["items"].keys() == full[name]["items"].keys()
+        for metric, values in full[name]["items"].items():
+            assert bounded[name]["items"][metric] == pytest.approx(values, rel=1e-5), (name, metric)
+
+
+def test_progress_names_each_task_and_counts_its_requests(model, chars, tasks_dir):
+    from workbench.lmeval import run_tasks
+
+    reports: list[tuple[float, str]] = []
+    run_tasks(model, chars, ["toy_mc", "toy_lambada"], include_path=tasks_dir / "tasks", batch_size=4,
+              progress=lambda fraction, message: reports.append((fraction, message)))
+    messages = [m for _, m in reports]
+    assert messages[0] == "lm-eval task 1 of 2: toy_mc"
+    assert "lm-eval task 2 of 2: toy_lambada" in messages
+    choices = sum(len(c) for _, c, _ in QUESTIONS)
+    assert f"lm-eval task 1 of 2: toy_mc ({choices}/{choices} requests)" in messages
+    assert f"lm-eval task 2 of 2: toy_lambada ({len(PASSAGES)}/{len(PASSAGES)} requests)" in messages
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_an_error_raised_by_progress_stops_the_evaluation(model, chars, tasks_dir):
+    from workbench.lmeval import run_tasks
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_at_first_batch(fraction: float, message: str) -> None:
+        seen.append(message)
+        if "requests)" in message:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_tasks(model, chars, ["toy_mc", "toy_lambada"], include_path=tasks_dir / "tasks", batch_size=4,
+                  progress=stop_at_first_batch)
+    assert not any("toy_lambada" in m for m in seen)  # the second task never started
+
+
+def test_task_list_is_built_once_then_read_from_its_file(tmp_path):
+    from workbench.lmeval import TaskList, task_list_file
+
+    first = TaskList(tmp_path)
+    names = first.names(wait=None)
+    assert {"hellaswag", "arc_easy", "boolq", "winogrande"} <= set(names) and len(names) > 1000
+    assert names == sorted(names) and not first.from_file
+    assert task_list_file(tmp_path).is_file() and "lm-eval-tasks-0.4" in task_list_file(tmp_path).name
+    again = TaskList(tmp_path)
+    assert again.names(wait=None) == names and again.from_file
+
+
+def test_a_task_list_file_of_another_lm_eval_version_is_ignored(tmp_path):
+    from workbench.lmeval import _read_task_list, _write_task_list, task_list_file
+
+    path = task_list_file(tmp_path)
+    _write_task_list(path, ["only_this"], 1.0)
+    assert _read_task_list(path) == ["only_this"]
+    path.write_text(json.dumps({"lm_eval": "0.0.1", "names": ["stale"]}))
+    assert _read_task_list(path) is None
+    path.write_text("{not json")
+    assert _read_task_list(path) is None
+
+
+def test_the_notebook_panel_lists_every_installed_task_once_indexed():
+    import time
+
+    pytest.importorskip("ipywidgets")
+    from workbench.lmeval import installed_task_names
+    from workbench.ui.widgets import Workbench
+
+    panel = Workbench("default", eval_tasks=("lambada", "lm-eval:piqa"))
+    assert installed_task_names(wait=None)  # the background index is done
+    deadline = time.monotonic() + 60  # the panel's own thread fills the picker right after
+    while "lm-eval:piqa" not in panel.eval_tasks.options and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "lm-eval:piqa" in panel.eval_tasks.options and "lm-eval:arc_easy" in panel.eval_tasks.options
+    assert "lambada" in panel.eval_tasks.value

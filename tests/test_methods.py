@@ -3,7 +3,7 @@ import torch
 from tiny_models import tiny_model, token_batch
 
 from workbench.arch import describe, weight_of
-from workbench.methods import METHODS, STATS_NEEDED, magnitude, sparsegpt, wanda
+from workbench.methods import METHODS, elementwise_methods, magnitude, method_record, sparsegpt, wanda
 from workbench.patterns import Pattern, parse_pattern
 from workbench.prune import PruneConfig, prune
 from workbench.stats import InputStats
@@ -35,8 +35,8 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
     weight, stats, x = correlated_layer()
     p = parse_pattern(pattern)
     errors = {}
-    for name, method in METHODS.items():
-        new_weight, keep = method(weight.clone(), stats, p, 0.5)
+    for name in elementwise_methods():
+        new_weight, keep = METHODS[name].prune(weight.clone(), stats, p, 0.5)
         assert int((~keep).sum()) == weight.numel() // 2
         assert (new_weight[~keep] == 0).all()
         errors[name] = output_error(weight, new_weight * keep, x)
@@ -75,9 +75,37 @@ def test_sparsegpt_handles_dead_inputs_and_unequal_widths():
     assert (new_weight[:, 3] == 0).all()
 
 
-def test_stats_needed_matches_methods():
-    assert set(STATS_NEEDED) == set(METHODS)
-    assert STATS_NEEDED["magnitude"] is None
+def test_method_records_say_what_each_method_needs():
+    assert list(METHODS) == ["magnitude", "wanda", "sparsegpt", "retrain-free"]
+    assert all(record.name == name for name, record in METHODS.items())
+    assert [METHODS[name].stats for name in ("magnitude", "wanda", "sparsegpt")] == [None, "diag", "gram"]
+    assert elementwise_methods() == ["magnitude", "wanda", "sparsegpt"]
+    assert METHODS["magnitude"].prune is magnitude and METHODS["sparsegpt"].prune is sparsegpt
+    assert not METHODS["magnitude"].needs_calibration and METHODS["wanda"].needs_calibration
+    # retrain-free reads no layer statistics for its choice but back-propagates on calibration data
+    free = METHODS["retrain-free"]
+    assert free.stats is None and free.prune is None and free.unit_scores is None
+    assert free.needs_gradients and free.needs_calibration and free.ranks_across_blocks
+    assert free.mask_tuning_default and free.structured and not free.elementwise
+    assert METHODS["sparsegpt"].obs_update and not METHODS["sparsegpt"].structured
+    assert not any(record.obs_update for name, record in METHODS.items() if name != "sparsegpt")
+    with pytest.raises(ValueError, match=r"unknown method 'obs': choose one of \['magnitude', 'retrain-free'"):
+        method_record("obs")
+
+
+def test_config_answers_from_the_method_record():
+    assert PruneConfig(method="sparsegpt").collects_gram
+    assert not PruneConfig(method="wanda", record_error=False).collects_gram
+    assert not PruneConfig(method="magnitude").uses_calibration
+    free = PruneConfig(method="retrain-free", pattern="channel", scope="mlp", record_error=False)
+    assert free.uses_calibration and free.tunes_masks and free.collects_gram
+    untuned = PruneConfig(method="retrain-free", pattern="channel", scope="mlp", record_error=False,
+                          mask_tuning=False)
+    assert untuned.uses_calibration and not untuned.collects_gram
+    # a data-free unit score with mask tuning still reads calibration data for the refit
+    tuned = PruneConfig(method="magnitude", pattern="channel", scope="mlp", mask_tuning=True)
+    assert tuned.uses_calibration and tuned.collects_gram and not tuned.reports_error
+    assert PruneConfig(method="nope").uses_calibration  # answered before validate(), which refuses it
 
 
 def _counted(model):
@@ -92,7 +120,7 @@ def _counted(model):
 
 
 @pytest.mark.parametrize("family", FAMILY_SAMPLE)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(elementwise_methods()))
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_each_method_on_each_family(family, method, pattern):
     model = tiny_model(family)

@@ -121,6 +121,17 @@ def test_parameter_count_and_info(tiny_folder):
     assert info["params"] == count
     assert info["family"] == "llama" and info["blocks"] == 2 and info["kv_heads"] == 2
     assert "down_proj" in info["prunable_linears_per_block"]
+    assert "unsupported" not in info
+
+
+def test_info_names_why_an_architecture_is_unsupported():
+    from test_arch import NoBlocks
+
+    from workbench.models import LoadedModel
+
+    info = model_info(LoadedModel(NoBlocks(), None, "toy", "folder", "toy", None, "fp32"))
+    assert "no list of decoder blocks" in info["unsupported"]
+    assert "blocks" not in info and info["class"] == "NoBlocks"
 
 
 @pytest.mark.slow

@@ -252,3 +252,75 @@ def test_estimate_counts_x_t_x_whenever_the_prune_collects_it():
                   .parts["statistics"] for record_error in (None, False)}
     sparsegpt = estimate_memory(model, PruneConfig(method="sparsegpt")).parts["statistics"]
     assert statistics[None] == sparsegpt > statistics[False]
+
+
+# --- channel and head patterns, scored block by block --------------------------------------
+
+
+@pytest.mark.parametrize(("method", "pattern", "round_to"), [("wanda", "channel", None), ("magnitude", "head", None),
+                                                             ("wanda", "channel", 48)])
+def test_channels_and_heads_out_of_core_equal_in_memory_masked_and_slimmed(tmp_path, method, pattern, round_to):
+    from workbench.slim import slim_model
+
+    folder = saved(tmp_path)
+    config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, batch_size=4)
+    model, expected = in_memory(folder, config)
+    masked = prune_from_disk(folder, tmp_path / "masked", config, calibration=IDS)
+    assert_same_weights(model, tmp_path / "masked")  # removed units zeroed, the same units
+    assert masked.summary == expected.summary
+    slimmed = slim_model(model, expected, round_to=round_to)
+    result = prune_from_disk(folder, tmp_path / "slim", config, calibration=IDS, slim={"round_to": round_to})
+    assert result.summary == expected.summary  # counted before the units were cut out
+    assert slimmed.stock_loadable
+    assert_same_weights(model, tmp_path / "slim")  # stock from_pretrained rebuilds the narrow shapes
+    size = T.AutoConfig.from_pretrained(tmp_path / "slim")
+    if pattern == "channel":
+        assert size.intermediate_size == slimmed.sizes[0] < T.AutoConfig.from_pretrained(folder).intermediate_size
+    else:
+        assert size.num_key_value_heads == slimmed.sizes[0] < T.AutoConfig.from_pretrained(folder).num_key_value_heads
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_slimmed_blocks_of_different_widths(tmp_path, uniform):
+    from workbench.slim import load_slimmed, slim_model
+
+    folder = saved(tmp_path)
+    config = PruneConfig(method="wanda", pattern="channel", block_sparsity=[0.25, 0.5, 0.75], batch_size=4)
+    model, expected = in_memory(folder, config)
+    slimmed = slim_model(model, expected, uniform=uniform)
+    prune_from_disk(folder, tmp_path / "slim", config, calibration=IDS, slim={"uniform": uniform})
+    assert slimmed.stock_loadable == uniform
+    if uniform:
+        assert_same_weights(model, tmp_path / "slim")
+    loaded = load_slimmed(tmp_path / "slim").model  # per-block sizes: config.workbench_slim
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
+
+
+def test_slimming_out_of_core_is_refused_where_it_cannot_work(tmp_path):
+    folder = saved(tmp_path)
+    with pytest.raises(OffloadError, match="--pattern channel"):
+        prune_from_disk(folder, tmp_path / "out", PruneConfig(method="wanda"), calibration=IDS, slim={})
+    with pytest.raises(OffloadError, match="wanda or magnitude"):
+        prune_from_disk(folder, tmp_path / "out", PruneConfig(method="retrain-free", pattern="channel",
+                                                              sparsity=0.25), calibration=IDS, slim={})
+    assert not (tmp_path / "out").exists()
+
+
+def test_sparsegpt_factor_is_freed_with_its_statistics():
+    # the driver drops a layer's statistics once it is solved; a 7B down_proj's factor (0.45 GiB)
+    # must not outlive them in the factor cache
+    import gc
+    import weakref
+
+    from workbench.methods.sparsegpt import inverse_hessian_factor
+    from workbench.stats import InputStats
+
+    stats = InputStats(300, gram=True)
+    stats.add_batch(torch.randn(500, 300))
+    upper, _ = inverse_hessian_factor(stats, 0.01)
+    assert inverse_hessian_factor(stats, 0.01)[0] is upper  # cached while the statistics live
+    factor = weakref.ref(upper)
+    del upper, stats
+    gc.collect()
+    assert factor() is None

@@ -3,6 +3,7 @@ checkpoint must give the in-memory `workbench.evaluate.perplexity` figure on the
 
 import json
 import random
+import string
 
 import pytest
 import torch
@@ -82,9 +83,9 @@ def test_token_ids(tmp_path):
 
 
 def test_out_of_core_tasks_are_checked():
-    check_offload_tasks(["wikitext2"])
-    with pytest.raises(OffloadError, match="--task wikitext2"):
-        check_offload_tasks(["lambada", "wikitext2"])
+    check_offload_tasks(["wikitext2", "lambada", "lambada-last-token"])
+    with pytest.raises(OffloadError, match="--offload none"):
+        check_offload_tasks(["lm-eval:hellaswag", "wikitext2"])
 
 
 def _json_line(capsys) -> dict:
@@ -107,10 +108,58 @@ def test_cli_evaluates_out_of_core(tmp_path, capsys, data_dir):
     assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
 
 
-def test_cli_refuses_lambada_out_of_core(tmp_path, capsys):
+def test_cli_evaluates_lambada_out_of_core(tmp_path, capsys, data_dir):
+    folder = saved(tmp_path, "llama")
+    common = ["evaluate", "--model", str(folder), "--task", "lambada,lambada-last-token", "--limit", "6",
+              "--data-dir", str(data_dir), "--json"]
+    assert main(common + ["--offload", "none"]) == 0
+    expected = _json_line(capsys)["results"]
+    assert main(common + ["--offload", "disk"]) == 0
+    out = _json_line(capsys)
+    assert out["offload"] is True and out["results"].keys() == expected.keys()
+    for task in ("lambada", "lambada-last-token"):
+        assert out["results"][task]["n"] == expected[task]["n"] == 6
+        assert out["results"][task]["accuracy"] == expected[task]["accuracy"]
+    assert out["results"]["lambada"]["perplexity"] == pytest.approx(expected["lambada"]["perplexity"], rel=1e-5)
+
+
+def test_cli_refuses_other_tasks_out_of_core(tmp_path, capsys):
     folder = saved(tmp_path, "llama")
     capsys.readouterr()  # saving prints a progress bar
-    assert main(["evaluate", "--model", str(folder), "--task", "lambada", "--offload", "disk"]) == 2
+    assert main(["evaluate", "--model", str(folder), "--task", "lm-eval:hellaswag", "--offload", "disk"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "lambada" in err and "--offload none" in err
+    assert err.startswith("error: ") and "hellaswag" in err and "--offload none" in err
     assert "\n" not in err
+
+
+# --- LAMBADA ---------------------------------------------------------------------------------
+
+PASSAGES = [" ".join("".join(random.Random(seed * 100 + word).choice(string.ascii_lowercase)
+                             for _ in range(1 + (seed + word) % 5)) for word in range(3 + seed % 7))
+            for seed in range(11)]  # passages of different lengths: batches are right-padded
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("activations_in_memory", [True, False])
+def test_lambada_out_of_core_equals_in_memory(tmp_path, family, activations_in_memory):
+    from workbench.evaluate import _lambada
+    from workbench.offload_eval import lambada_from_disk
+
+    folder = saved(tmp_path, family)
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = _lambada(model, char_tokenizer(), PASSAGES, 4, None, None, last_word=True, last_token=True)
+    got = lambada_from_disk(folder, PASSAGES, batch_size=4, activations_in_memory=activations_in_memory,
+                            spill_dir=tmp_path)
+    assert got.keys() == expected.keys() == {"lambada", "lambada-last-token"}
+    for task in got:
+        assert got[task].keys() == expected[task].keys()
+        assert got[task]["items"]["accuracy"] == expected[task]["items"]["accuracy"]
+        assert got[task]["n"] == expected[task]["n"] == len(PASSAGES)
+        assert got[task]["tokens"] == expected[task]["tokens"]
+    assert got["lambada"]["items"]["nll"] == pytest.approx(expected["lambada"]["items"]["nll"], rel=1e-5)
+    assert got["lambada"]["perplexity"] == pytest.approx(expected["lambada"]["perplexity"], rel=1e-5)
+    only_token = lambada_from_disk(folder, PASSAGES, batch_size=4, last_word=False, limit=5)
+    assert only_token.keys() == {"lambada-last-token"}
+    assert only_token["lambada-last-token"]["items"]["accuracy"] == expected["lambada-last-token"]["items"][
+        "accuracy"][:5]
+    assert list(tmp_path.glob("offload-eval-*")) == []

@@ -181,3 +181,56 @@ def test_accuracy_curve_bands_are_in_the_png(tmp_path):
     plain = plots.accuracy_curve(_sweep_table())
     assert not [c for c in plain.axes[0].collections if c.get_gid() == "interval-band"]
     _png_ok(with_bands, tmp_path / "bands.png")
+
+
+def test_mask_zoom_names_the_layer_and_has_a_legend(pruned):
+    _, result = pruned
+    name, mask = next(iter(result.masks.items()))
+    fig = plots.mask_zoom(mask, layer=name)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith(name)
+    pruned_share = 1 - mask.float().mean().item()
+    assert f"{pruned_share:.1%} of the layer pruned" in ax.get_title()
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_gid() == "mask-legend"
+    assert [t.get_text() for t in legend.get_texts()] == ["kept", "pruned"]
+
+
+def test_sweep_curve_axes_hold_still_as_points_arrive():
+    table = _with_intervals(_sweep_table())
+    limits = []
+    for count in (2, 4, len(table)):  # the dense row first, then point by point
+        acc, ppl = plots.accuracy_curve(table.iloc[:count]).axes
+        limits.append((acc.get_xlim(), acc.get_ylim(), ppl.get_xlim(), ppl.get_ylim()))
+    assert limits[0] == limits[1] == limits[2]
+    acc, ppl = plots.accuracy_curve(table).axes
+    assert acc.get_xlim() == (0.0, 1.0) and acc.get_ylim()[0] == 0.0
+    assert acc.get_ylabel() == "LAMBADA last-word accuracy" and ppl.get_ylabel() == "WikiText-2 perplexity"
+    assert [t.get_text() for t in acc.get_xticklabels()][:2] == ["0%", "20%"]
+
+
+def test_sweep_curve_draws_each_points_interval():
+    table = _with_intervals(_sweep_table())
+    acc = plots.accuracy_curve(table).axes[0]
+    bars = [c for c in acc.collections if c.get_gid() == "interval-bar"]
+    assert len(bars) == 4  # one set per line
+    segments = [s for bar in bars for s in bar.get_segments()]
+    assert len(segments) == len(table) - 1  # every point but dense
+    low, high = sorted(segments, key=lambda s: s[0][0])[0][:, 1]
+    assert high - low == pytest.approx(0.1)
+    assert not [c for c in plots.accuracy_curve(_sweep_table()).axes[0].collections if c.get_gid() == "interval-bar"]
+
+
+def test_compare_plot_one_panel_per_metric(tmp_path):
+    view = pd.DataFrame({"run": ["a", "a", "b", "b"], "point": ["dense", "pruned", "dense", "wanda 2:4"],
+                         "sparsity": [0.0, 0.5, 0.0, 0.5], "LAMBADA last-word accuracy": [0.3, 0.2, 0.3, 0.25],
+                         "WikiText-2 perplexity": [27.0, 80.0, None, None]})
+    fig = plots.compare_plot(view)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["LAMBADA last-word accuracy", "WikiText-2 perplexity"]
+    assert len([line for line in visible[0].lines if line.get_gid() == "run-point"]) == 4
+    assert len([line for line in visible[1].lines if line.get_gid() == "run-point"]) == 2
+    assert visible[1].get_yscale() == "log"
+    _png_ok(fig, tmp_path / "compare.png")
+    with pytest.raises(ValueError, match="no metrics"):
+        plots.compare_plot(view[["run", "point", "sparsity"]])

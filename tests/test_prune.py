@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_model, token_batch
 
 from workbench.arch import describe, weight_of
-from workbench.patterns import PatternError
+from workbench.patterns import PatternError, parse_pattern
 from workbench.prune import PruneCancelled, PruneConfig, prune
 
 
@@ -79,16 +79,15 @@ def test_block_sparsity_targets_per_block():
 
 def test_should_stop_cancels_between_blocks():
     model = tiny_model("llama")
-    calls, progress = [], []
+    progress = []
 
-    def stop_after_one_block():
-        calls.append(1)
-        return len(calls) > 1
+    def stop_after_one_block():  # also polled during the capture, before any block
+        return any(fraction == 0.5 for fraction in progress)
 
     with pytest.raises(PruneCancelled, match="before block 1"):
         prune(model, PruneConfig(method="wanda"), calibration=token_batch(4, 16),
-              progress=lambda done, total, msg: progress.append((done, total)), should_stop=stop_after_one_block)
-    assert [step for step in progress if step[0]] == [(1, 2)]  # (0, 2): the stage messages before
+              progress=lambda fraction, msg: progress.append(fraction), should_stop=stop_after_one_block)
+    assert [fraction for fraction in progress if fraction] == [0.5]  # 0.0: the stage messages before
     assert block_sparsities(model) == pytest.approx([0.5, 0.0])
     assert not model.training
 
@@ -153,8 +152,10 @@ def test_progress_reports_seconds_per_block_and_time_left():
 
     messages = []
     prune(tiny_model("llama"), PruneConfig(method="wanda"), calibration=token_batch(4, 16),
-          progress=lambda done, total, msg: messages.append((done, msg)))
-    block_messages = [msg for done, msg in messages if done]
+          progress=lambda fraction, msg: messages.append((fraction, msg)))
+    fractions = [fraction for fraction, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    block_messages = [msg for fraction, msg in messages if fraction]
     assert block_messages[0].startswith("block 1/2, ") and "s/block" in block_messages[0]
     assert block_messages[-1].endswith("about 0 s left")
     assert _progress_message(4, 28, 4, 32, 40.0) == "block 4/32, 10.0 s/block, about 4 min 40 s left"
@@ -165,7 +166,7 @@ def test_progress_reports_seconds_per_block_and_time_left():
 def test_config_round_trip():
     config = PruneConfig(method="wanda", pattern="4:8", block_sparsity=[0.1, 0.2], exclude="x")
     assert PruneConfig.from_dict(config.to_dict()) == config
-    assert config.effective_sparsity == 0.5
+    assert parse_pattern(config.pattern).fixed_sparsity == 0.5
     with pytest.raises(ValueError, match="unknown PruneConfig fields"):
         PruneConfig.from_dict({"methd": "wanda"})
 

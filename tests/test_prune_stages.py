@@ -1,11 +1,14 @@
 """What a prune does before its first block, and what it skips when there is nothing to do."""
 
+import time
+
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
 
 from workbench.arch import describe, weight_of
-from workbench.prune import PruneConfig, prune
+from workbench.limits import Deadline
+from workbench.prune import PruneCancelled, PruneConfig, prune
 
 
 def test_magnitude_runs_no_calibration_pass_by_default():
@@ -13,7 +16,7 @@ def test_magnitude_runs_no_calibration_pass_by_default():
     messages = []
     # no tokenizer and no ids: any attempt to read calibration data would raise
     result = prune(model, PruneConfig(method="magnitude", sparsity=0.5),
-                   progress=lambda done, total, message: messages.append(message))
+                   progress=lambda fraction, message: messages.append(message))
     assert result.calibration == {}
     assert result.errors["error"].isna().all()
     assert result.summary["blocks"] == pytest.approx(0.5)
@@ -39,15 +42,14 @@ def test_stage_messages_arrive_before_the_first_block_is_done():
     model = tiny_model("llama")
     calls = []
     prune(model, PruneConfig(method="sparsegpt", pattern="2:4"), calibration=token_batch(4, 16),
-          progress=lambda done, total, message: calls.append((done, total, message)))
+          progress=lambda fraction, message: calls.append((fraction, message)))
     blocks = describe(model).num_blocks
-    assert [message for _, _, message in calls[:2]] == ["loading calibration",
-                                                        "capturing block inputs (4 x 16 tokens)"]
-    assert calls[2] == (0, blocks, f"block 1/{blocks}, time left known after this block")
+    assert calls[:2] == [(0.0, "loading calibration"), (0.0, "capturing block inputs (4 x 16 tokens)")]
+    assert calls[2] == (0.0, f"block 1/{blocks}, time left known after this block")
     after_blocks = calls[3:]
-    assert [done for done, _, _ in after_blocks] == list(range(1, blocks + 1))
+    assert [fraction for fraction, _ in after_blocks] == pytest.approx([done / blocks for done in range(1, blocks + 1)])
     assert all(message.startswith(f"block {done}/{blocks}") and "left" in message
-               for done, _, message in after_blocks)
+               for done, (_, message) in enumerate(after_blocks, start=1))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -100,3 +102,32 @@ def test_workflow_says_a_data_free_prune_needs_no_calibration(tmp_path):
                                    progress=lambda fraction, message: said.append(message))
     assert set(sparsegpt.table["Calibration dataset"]) == {"wikitext2 (4x32)"}
     assert "Pruning: loading calibration" in said
+
+
+def test_a_stop_request_ends_the_capture_between_calibration_batches():
+    model = tiny_model("llama")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(lambda *_: embedded.append(1))
+    polls = []
+
+    def stop_on_second_poll() -> bool:
+        polls.append(1)
+        return len(polls) >= 2
+
+    with pytest.raises(PruneCancelled, match="capturing the calibration inputs"):
+        prune(model, PruneConfig(method="sparsegpt", pattern="2:4", batch_size=2),
+              calibration=token_batch(8, 16), should_stop=stop_on_second_poll)
+    assert len(embedded) == 1  # one of the four calibration batches ran, then the capture stopped
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_a_spent_time_budget_stops_the_capture_before_any_batch():
+    model = tiny_model("llama")
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(lambda *_: embedded.append(1))
+    deadline = Deadline(0.0, started=time.monotonic() - 1.0)
+    with pytest.raises(PruneCancelled, match="capturing"):
+        prune(model, PruneConfig(method="wanda"), calibration=token_batch(8, 16),
+              should_stop=deadline.expired)
+    assert embedded == []

@@ -220,9 +220,12 @@ def test_a_session_sees_and_downloads_only_its_own_runs_and_exports(server, allo
     assert rows(owner.predict([run_name], api_name="/compare_runs"))[0]["run"] == run_name
 
     status, download, card, sizes = owner.predict(["masked"], "mine", False, api_name="/export")
-    assert status == "Exported as `mine`."  # no server path
+    assert status.startswith("Exported as `mine`. Loads in stock transformers")  # no server path
+    assert os.environ["WORKBENCH_EXPORTS"] not in status
     exported = next(Path(os.environ["WORKBENCH_EXPORTS"]).rglob("mine.zip"))
-    assert fetch(download["url"]) == 200  # the owner's copy, under Gradio's unguessable cache name
+    assert fetch(download["url"]) == 200  # the owner's link, under an unguessable name in Gradio's cache
+    assert Path(download["path"]).samefile(exported)  # the same bytes on disk, not a second copy
+    assert Path(download["path"]).parent != exported.parent
     assert fetch(f"{server}gradio_api/file={exported}") == 403  # the export folder itself is not served
     assert fetch(f"{server}gradio_api/file={exported.parent}") == 403
 
@@ -234,8 +237,9 @@ def test_locally_the_export_folder_is_served_as_before(tmp_path_factory, allowed
         app.predict(*PRUNE_24, api_name="/prune")
         status, download, *_ = app.predict(["masked"], "mine", False, api_name="/export")
         exported = next(Path(os.environ["WORKBENCH_EXPORTS"]).rglob("mine.zip"))
-        assert status == f"Exported to `{exported.parent / 'mine'}`."
+        assert status.startswith(f"Exported to `{exported.parent / 'mine'}`.")
         assert fetch(f"{url}gradio_api/file={exported}") == 200
+        assert Path(download["path"]) == exported  # served from where it was written, no copy in Gradio's cache
 
 
 def test_a_session_may_hold_only_so_many_jobs(server, allowed):

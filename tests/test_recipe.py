@@ -297,3 +297,66 @@ def test_recipe_fields_of_the_wrong_shape_are_refused(tmp_path, field, value):
     path.write_text(json.dumps(raw))
     with pytest.raises(RecipeError, match=f'"{field}" is a'):
         read_recipe(path)
+
+
+def _round_trip_cases() -> list:
+    """Every method on each pattern kind it prunes (from the method table, so a new method is
+    covered at once), plus the structured settings a recipe must carry."""
+    from workbench.methods import METHODS
+
+    cases = []
+    for name, method in METHODS.items():
+        if method.elementwise:
+            cases += [(name, "unstructured", "all", {}), (name, "2:4", "all", {})]
+        if method.structured:
+            cases += [(name, "channel", "mlp", {}), (name, "head", "attention", {})]
+    return cases + [
+        # retrain-free whose layer-wise pass reads no data: only its Fisher pass saw the text
+        ("retrain-free", "channel", "mlp", {"mask_tuning": False, "record_error": False}),
+        ("retrain-free", "channel", "mlp", {"unit_allocation": "uniform", "block_sparsity": [0.25, 0.5]}),
+        ("retrain-free", "head", "attention", {"budget": "flops", "sparsity": 0.05}),
+        ("wanda", "channel", "mlp", {"exclude": r"layers\.0\."}),
+        # a data-free unit score with the least-squares refit still reads calibration text
+        ("magnitude", "channel", "mlp", {"mask_tuning": True}),
+        ("sparsegpt", "unstructured", "all", {"block_sparsity": [0.3, 0.6], "record_error": False}),
+    ]
+
+
+@pytest.mark.parametrize("method,pattern,scope,extra", _round_trip_cases())
+def test_recipe_round_trip_gives_the_same_config_and_masks(saved_tiny, tmp_path, method, pattern, scope,
+                                                           extra):
+    loaded, text = saved_tiny
+    config = _config(text, method, pattern)
+    config.scope = scope
+    for name, value in extra.items():
+        setattr(config, name, value)
+    result = prune(loaded.model, config, tokenizer=loaded.tokenizer)
+    path = write_recipe(tmp_path / "recipe.json", make_recipe(result, loaded))
+
+    recipe = read_recipe(path)
+    assert recipe.config == result.config == config
+    if config.uses_calibration:  # the text is recorded, so a different one is caught
+        assert recipe.calibration["sha256"] == result.calibration["sha256"]
+    model, _, again = reproduce(recipe)
+    assert model is not loaded.model
+    assert again.masks.keys() == result.masks.keys()
+    assert all(torch.equal(again.masks[k], result.masks[k]) for k in result.masks)
+    assert masks_match(recipe, again) is True
+    assert again.calibration == result.calibration
+    if result.structure is not None:
+        assert again.structure == result.structure
+
+
+@pytest.mark.parametrize("extra", [{"mask_tuning": False, "record_error": False}, {}])
+def test_retrain_free_recipe_refuses_other_calibration_text(saved_tiny, tmp_path, extra):
+    loaded, text = saved_tiny
+    config = _config(text, "retrain-free", "channel")
+    config.scope = "mlp"
+    for name, value in extra.items():
+        setattr(config, name, value)
+    result = prune(loaded.model, config, tokenizer=loaded.tokenizer)
+    assert result.calibration["source"] == str(text) and result.calibration["sha256"]
+    path = write_recipe(tmp_path / "recipe.json", make_recipe(result, loaded))
+    text.write_text(TEXT.replace("fox", "cat"))
+    with pytest.raises(RecipeError, match="sha256"):
+        reproduce(path)

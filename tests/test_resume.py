@@ -33,8 +33,8 @@ PRUNE_RUN = textwrap.dedent("""
     from workbench.offload import prune_from_disk
     from workbench.prune import PruneConfig
 
-    def kill_after(done, total, message):
-        if done == {kill_after}:
+    def kill_after(fraction, message):
+        if round(fraction * {blocks}) == {kill_after}:
             os.kill(os.getpid(), signal.SIGKILL)
 
     prune_from_disk({source!r}, {out!r}, PruneConfig(method="sparsegpt", pattern="2:4", batch_size=4),
@@ -47,7 +47,7 @@ SERIAL = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"
 def run_prune(source: Path, out: Path, kill_after: int | None = None, in_memory: bool = True,
               resume: bool = False) -> None:
     script = PRUNE_RUN.format(tests=str(Path(__file__).parent), source=str(source), out=str(out),
-                              kill_after=kill_after, in_memory=in_memory, resume=resume)
+                              kill_after=kill_after, blocks=BLOCKS, in_memory=in_memory, resume=resume)
     env = {**os.environ, **SERIAL, "PYTHONPATH": str(Path(__file__).parent.parent)}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     expected = 0 if kill_after is None else -signal.SIGKILL

@@ -5,7 +5,6 @@ from transformers import AutoModelForCausalLM
 
 from workbench.arch import describe, weight_of
 from workbench.methods.retrain_free import (
-    Structure,
     fisher_gradients,
     predicted_loss,
     rearrange_mask,
@@ -13,7 +12,7 @@ from workbench.methods.retrain_free import (
 )
 from workbench.patterns import PatternError
 from workbench.prune import PruneConfig, prune
-from workbench.structured import StructureError, model_geometry
+from workbench.structured import Structure, StructureError, model_geometry
 
 
 def _prune(family, **overrides):
@@ -41,7 +40,7 @@ def test_channel_budget_is_met_exactly(family):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "retrain-free"])
 def test_uniform_allocation_removes_the_same_count_per_block(method):
-    _, result = _prune("opt", method=method, allocation="uniform" if method == "retrain-free"
+    _, result = _prune("opt", method=method, unit_allocation="uniform" if method == "retrain-free"
                        else "auto", sparsity=0.1)
     assert [len(k) for k in result.structure.kept] == [128 - 12, 128 - 12]
 
@@ -87,8 +86,8 @@ def test_impossible_budgets_fail_clearly_and_leave_the_model_alone():
     ({"method": "sparsegpt"}, PatternError, "element-wise"),
     ({"pattern": "unstructured"}, PatternError, "channel"),
     ({"scope": "attention"}, ValueError, "scope 'mlp'"),
-    ({"method": "wanda", "allocation": "global"}, ValueError, "uniform"),
-    ({"allocation": "everywhere"}, ValueError, "allocation"),
+    ({"method": "wanda", "unit_allocation": "global"}, ValueError, "uniform"),
+    ({"unit_allocation": "everywhere"}, ValueError, "allocation"),
     ({"budget": "macs"}, ValueError, "unknown budget 'macs'"),
     ({"method": "wanda", "pattern": "2:4", "scope": "all", "budget": "flops"}, PatternError,
      "channel/head patterns.*use budget 'units'"),
@@ -136,7 +135,10 @@ def test_fisher_of_a_dead_channel_is_zero():
     geometries = model_geometry(layout, "channel")
     with torch.no_grad():
         weight_of(geometries[0].output.linear.module)[:, 3] = 0
-    grads = fisher_gradients(model, geometries, token_batch(6, 8), batch_size=4)
+    said = []
+    grads = fisher_gradients(model, geometries, token_batch(6, 8), batch_size=4,
+                             progress=lambda fraction, message: said.append((fraction, message)))
+    assert said == [(pytest.approx(4 / 6), "fisher 4/6 windows"), (1.0, "fisher 6/6 windows")]
     assert [tuple(g.shape) for g in grads] == [(6, 128), (6, 128)]
     assert float(grads[0][:, 3].abs().sum()) == 0.0
     assert float(grads[0].abs().sum()) > 0
@@ -149,3 +151,26 @@ def test_structure_round_trips_through_a_dict():
     again = Structure.from_dict(data)
     assert again == result.structure
     assert again.removed_fraction == pytest.approx(int(0.1 * 512) / 512)
+
+
+def test_plan_rules_come_from_the_method_records():
+    from workbench.methods.unit_plan import plan_structured, resolve_allocation
+
+    assert resolve_allocation("retrain-free", "auto") == "global"
+    assert resolve_allocation("wanda", "auto") == resolve_allocation("magnitude", "auto") == "uniform"
+    with pytest.raises(ValueError, match=r"wanda unit scores are not comparable across blocks; use allocation "
+                                         r"'uniform' \(or method 'retrain-free' for a global choice\)"):
+        resolve_allocation("wanda", "global")
+    model = tiny_model("llama")
+    layout = describe(model)
+    with pytest.raises(ValueError, match=r"supports methods \('magnitude', 'wanda', 'retrain-free'\), not 'sparsegpt'"):
+        plan_structured(model, layout, "channel", "sparsegpt", 0.5, None)
+    with pytest.raises(ValueError, match="retrain-free pruning needs calibration data for its Fisher pass"):
+        plan_structured(model, layout, "channel", "retrain-free", 0.5, None)
+    wanda = plan_structured(model, layout, "channel", "wanda", 0.5, None)
+    assert wanda.needs_stats() == "diag" and not wanda.mask_tuning and not wanda.chosen  # chosen per block later
+    tuned = plan_structured(model, layout, "channel", "magnitude", 0.5, None, mask_tuning=True)
+    assert tuned.needs_stats() == "gram"
+    free = plan_structured(model, layout, "channel", "retrain-free", 0.5, token_batch(4, 16))
+    assert free.mask_tuning and sorted(free.chosen) == [0, 1] and len(free.fisher) == 2
+    assert sum(int((~keep).sum()) for keep in free.chosen.values()) == 128  # half of 2 x 128 channels

@@ -1,10 +1,16 @@
-"""The blocked SparseGPT solve against the textbook per-column loop, and the shared factor."""
+"""The blocked SparseGPT solve against the textbook per-column loop, the shared factor, and the
+stacked solve of layers that share an input against each layer solved alone."""
 
 import pytest
 import torch
+from tiny_models import tiny_model, token_batch
 
-from workbench.methods.sparsegpt import inverse_hessian_factor, sparsegpt
+from workbench import solve_groups
+from workbench.arch import describe
+from workbench.methods.sparsegpt import inverse_hessian_factor, sparsegpt, sparsegpt_joint
 from workbench.patterns import parse_pattern
+from workbench.prune import PruneConfig, _block_stats, capture_block_inputs, prune
+from workbench.solve_groups import input_groups
 from workbench.stats import InputStats
 
 
@@ -108,3 +114,69 @@ def test_thread_count_is_restored():
     before = torch.get_num_threads()
     sparsegpt(weight, stats, parse_pattern("2:4"), 0.5, blocksize=16)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+@pytest.mark.parametrize("blocksize", [16, 128])
+def test_stacked_solve_equals_each_layer_solved_alone(pattern, blocksize):
+    _, stats = random_layer(8, 64, seed=5)
+    g = torch.Generator().manual_seed(6)
+    # q, k, v of different widths; k's weights ten times larger, so a mask chosen over the stacked
+    # rows would prune far less of k than a per-layer one
+    weights = [torch.randn(40, 64, generator=g), 10 * torch.randn(16, 64, generator=g),
+               torch.randn(24, 64, generator=g)]
+    p = parse_pattern(pattern)
+    joint = sparsegpt_joint([w.clone() for w in weights], stats, p, 0.6, blocksize=blocksize)
+    for weight, (new_weight, keep) in zip(weights, joint):
+        alone_weight, alone_keep = sparsegpt(weight.clone(), stats, p, 0.6, blocksize=blocksize)
+        assert torch.equal(keep, alone_keep)
+        assert torch.allclose(new_weight, alone_weight, rtol=1e-5, atol=1e-5 * float(weight.abs().max()))
+        expected = 0.5 if p.kind == "nm" else 0.6
+        assert (~keep).float().mean().item() == pytest.approx(expected, abs=0.02)
+
+
+def test_stacked_solve_refuses_layers_of_different_input_widths():
+    _, stats = random_layer(8, 32, seed=7)
+    with pytest.raises(ValueError, match="one input width"):
+        sparsegpt_joint([torch.randn(8, 32), torch.randn(8, 16)], stats, parse_pattern("2:4"), 0.5)
+
+
+@pytest.mark.parametrize("family, groups", [
+    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("opt", [["k_proj", "v_proj", "q_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+    ("gpt2", [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]]),
+])
+def test_linears_are_grouped_by_the_input_they_share(family, groups):
+    model = tiny_model(family)
+    layout = describe(model)
+    inputs, kwargs = capture_block_inputs(model, layout, token_batch(4, 16), batch_size=2)
+    block = layout.blocks[0]
+    stats = _block_stats(block.module, block.linears, inputs, kwargs.for_block(0), gram=False, device="cpu")
+    found = [[lin.kind for lin in group] for group in input_groups(block.linears, stats)]
+    assert found == groups
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_driver_stacked_solves_equal_per_layer_solves(family, pattern, concurrent, monkeypatch):
+    config = PruneConfig(method="sparsegpt", pattern=pattern, sparsity=0.5, blocksize=16, batch_size=4)
+    ids = token_batch(8, 16)
+    per_layer_model = tiny_model(family)
+    with monkeypatch.context() as patch:
+        patch.delattr(sparsegpt, "solve_joint")  # a method without a stacked solve
+        expected = prune(per_layer_model, config, calibration=ids)
+    if not concurrent:
+        monkeypatch.setattr(solve_groups, "CONCURRENT_MAX_WEIGHTS", 0)
+    model = tiny_model(family)
+    threads = torch.get_num_threads()
+    result = prune(model, config, calibration=ids)
+    assert torch.get_num_threads() == threads
+    assert list(result.masks) == list(expected.masks)
+    for name, keep in result.masks.items():
+        assert torch.equal(keep, expected.masks[name]), name
+    for (name, p), q in zip(model.named_parameters(), per_layer_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
+    assert list(result.errors["name"]) == list(expected.errors["name"])
+    # measured inside the stacked solves, in the driver for the per-layer ones
+    assert list(result.errors["error"]) == pytest.approx(list(expected.errors["error"]), rel=1e-3)

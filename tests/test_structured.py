@@ -5,22 +5,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from workbench.arch import describe, weight_of
+from workbench.flops import (
+    flops_budget_to_sparsity,
+    forward_flops_per_token,
+    lm_head_params,
+    unit_flops_per_token,
+)
+from workbench.methods.magnitude import magnitude_unit_scores
+from workbench.methods.wanda import wanda_unit_scores
 from workbench.prune import PruneConfig, prune
 from workbench.slim import slim_model
+from workbench.stats import InputStats
 from workbench.structured import (
     StructureError,
     apply_unit_mask,
     block_geometry,
-    flops_budget_to_sparsity,
-    forward_flops_per_token,
     keep_lowest_removed,
-    lm_head_params,
-    magnitude_unit_scores,
     model_geometry,
     reconstruct_columns,
-    unit_flops_per_token,
     units_to_remove,
-    wanda_unit_scores,
 )
 
 HEAD_FAMILIES = ["llama", "opt", "gpt2", "gptj", "gpt_neox", "bloom", "mpt", "qwen2", "mistral"]
@@ -137,7 +140,9 @@ def test_baseline_scores_follow_the_weights():
     assert int(scores.argmax()) == 5
     sq = torch.ones(geometry.num_units)
     sq[9] = 1e6
-    assert int(wanda_unit_scores(geometry, sq).argmax()) == 9
+    down_stats = InputStats(geometry.num_units, gram=False)
+    down_stats.add_batch(torch.diag(sq.sqrt()))  # one token per feature: squared sums are `sq`
+    assert int(wanda_unit_scores(geometry, down_stats).argmax()) == 9
 
 
 def test_reconstruct_columns_beats_plain_zeroing():

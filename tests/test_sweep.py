@@ -6,12 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_workflow import save_tiny
 from tiny_models import tiny_model, token_batch
 
+from workbench import snapshot, workflow
 from workbench import sweep as sweep_module
 from workbench.cli import main as cli_main
 from workbench.prune import CalibrationCache, PruneConfig, collect_dense_stats, prune
 from workbench.runs import load_run
+from workbench.slim import slim_model
 from workbench.sweep import SweepConfig, restore_weights, run_sweep, snapshot_weights
 
 CALIB = token_batch(8, 16)
@@ -52,8 +55,9 @@ def test_sweep_rows_and_weights_restored(tmp_path):
     seen, ticks = [], []
     table = run_sweep(model, None, small_config(), run_dir=tmp_path / "run",
                       evaluate_fn=token_perplexity, calibration=CALIB,
-                      on_point=seen.append, progress=lambda d, t, m: ticks.append((d, t)))
-    assert len(table) == 1 + 2 * 3 and len(seen) == 7 and ticks[-1] == (7, 7)
+                      on_point=seen.append, progress=lambda fraction, message: ticks.append((fraction, message)))
+    assert len(table) == 1 + 2 * 3 and len(seen) == 7 and ticks[-1][0] == 1.0 and ticks[-1][1].endswith("(7/7)")
+    assert [fraction for fraction, _ in ticks] == pytest.approx([done / 7 for done in range(1, 8)])
     assert table.iloc[0]["method"] == "dense" and table.iloc[0]["sparsity_blocks"] == 0.0
     assert "tokens/perplexity" in table.columns and "tokens/n" not in table.columns
     points = table[table["method"] != "dense"]
@@ -289,3 +293,122 @@ def test_sweep_on_the_bundled_model_with_the_default_evaluator(bundled, data_dir
     dense, pruned = table["wikitext2/perplexity"]
     assert 5 < dense < 200 and pruned > dense
     assert table.iloc[1]["sparsity_blocks"] == pytest.approx(0.5, abs=1e-3)
+
+
+# --- a sweep from a session: on the session's dense copy, the user's pruned model kept ----------
+
+SESSION_SWEEP = dict(methods=["magnitude"], sparsities=[0.5], eval_tasks=["lambada"], limit=2, nsamples=4, seqlen=32)
+
+
+class CountingTake:
+    """Wraps workbench.snapshot.take: how many copies of weights were taken, and their bytes."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.bytes, self.real = 0, 0, snapshot.take
+        monkeypatch.setattr(snapshot, "take", self)
+
+    def __call__(self, *args, **kwargs):
+        copy = self.real(*args, **kwargs)
+        self.calls += 1
+        self.bytes += snapshot.nbytes(copy)
+        return copy
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture()
+def session(tiny_folder) -> workflow.Session:
+    session = workflow.Session()
+    workflow.load(session, tiny_folder)
+    return session
+
+
+@pytest.fixture()
+def pruned(session) -> snapshot.Weights:
+    """Prune the session (wanda 2:4, evaluated); returns a copy of its pruned block weights."""
+    workflow.run_prune(session, {"method": "wanda", "pattern": "2:4", "nsamples": 4, "seqlen": 32}, ["lambada"], 2)
+    assert session.is_pruned and session.pruned_eval is not None
+    return snapshot.take(session.model)
+
+
+def holds(model, weights: snapshot.Weights) -> bool:
+    params = snapshot.block_parameters(model)
+    return set(params) == set(weights) and all(torch.equal(params[n], w) for n, w in weights.items())
+
+
+def test_a_sweep_runs_on_the_dense_weights_and_keeps_the_pruned_model(session, pruned, tmp_path, monkeypatch):
+    result, pruned_eval = session.result, session.pruned_eval
+    takes = CountingTake(monkeypatch)
+    table = workflow.run_sweep(session, run_dir=tmp_path / "sweep", **SESSION_SWEEP)
+    assert list(table["method"]) == ["dense", "magnitude"]
+    assert table["sparsity_blocks"].tolist() == pytest.approx([0.0, 0.5], abs=0.01)  # from dense, not 2:4
+    assert table["lambada/accuracy"].iloc[0] == session.dense_eval["lambada"]["accuracy"]
+    # one extra copy of the weights: the pruned ones; the sweep reuses the session's dense copy
+    assert takes.calls == 1 and takes.bytes == snapshot.nbytes(pruned)
+    assert session.result is result and session.pruned_eval is pruned_eval and holds(session.model, pruned)
+    exported = workflow.export(session, tmp_path / "exports", "after-sweep", make_zip=False)
+    assert "2:4" in workflow.model_card(exported)
+
+
+def test_a_sweep_of_a_dense_model_copies_nothing(session, tmp_path, monkeypatch):
+    dense = snapshot.take(session.model)
+    takes = CountingTake(monkeypatch)
+    table = workflow.run_sweep(session, **SESSION_SWEEP)
+    assert len(table) == 2 and takes.calls == 0
+    assert not session.is_pruned and holds(session.model, dense)
+
+
+def test_a_failed_sweep_keeps_the_pruned_model(session, pruned, monkeypatch):
+    result = session.result
+    monkeypatch.setattr(sweep_module, "prune", CountingPrune(fail_after=0))
+    with pytest.raises(RuntimeError, match="injected"):
+        workflow.run_sweep(session, **SESSION_SWEEP)
+    assert session.result is result and holds(session.model, pruned)
+
+
+def test_a_cancelled_sweep_keeps_the_pruned_model(session, pruned):
+    result = session.result
+    seen = []
+
+    def cancel_after_first_point(table):
+        seen.append(len(table))
+        if len(table) == 2:
+            session.request_stop()
+
+    table = workflow.run_sweep(session, **{**SESSION_SWEEP, "sparsities": [0.3, 0.5, 0.7]},
+                               on_point=cancel_after_first_point)
+    assert len(table) == 2 and seen == [1, 2]
+    assert session.result is result and holds(session.model, pruned) and not session.stop_requested
+
+
+def test_closing_a_streamed_sweep_keeps_the_pruned_model(session, pruned):
+    result = session.result
+    updates = workflow.iter_sweep(session, **{**SESSION_SWEEP, "sparsities": [0.3, 0.5]})
+    assert len(next(updates)) == 1  # the dense row
+    updates.close()  # the browser went away: the sweep stops
+    assert session.result is result and holds(session.model, pruned) and not session.busy
+
+
+def test_a_slimmed_session_model_is_refused_not_reloaded(session):
+    workflow.run_prune(session, {"method": "retrain-free", "pattern": "channel", "sparsity": 0.25, "scope": "mlp",
+                                 "nsamples": 4, "seqlen": 32})
+    slim_model(session.model, session.result)
+    slimmed = snapshot.take(session.model)
+    with pytest.raises(workflow.SettingsError, match="slimmed after loading.*load the model again"):
+        workflow.run_sweep(session, **SESSION_SWEEP)
+    assert session.is_pruned and holds(session.model, slimmed)
+
+
+def test_a_given_dense_copy_is_used_and_nothing_more_is_copied(monkeypatch):
+    model = tiny_model("llama")
+    dense = snapshot.take(model)
+    prune(model, PruneConfig(method="magnitude", sparsity=0.7, batch_size=4), calibration=CALIB)
+    takes = CountingTake(monkeypatch)
+    table = run_sweep(model, None, small_config(methods=("magnitude",), extra_patterns=()),
+                      evaluate_fn=token_perplexity, calibration=CALIB, dense=dense)
+    assert takes.calls == 0
+    assert table["sparsity_blocks"].tolist() == pytest.approx([0.0, 0.3, 0.6], abs=0.02)  # dense first
+    assert holds(model, dense)

@@ -15,6 +15,7 @@ from conftest import char_tokenizer  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 from workbench.arch import describe, weight_of  # noqa: E402
+from workbench.report import most_pruned_layer  # noqa: E402
 from workbench.ui.widgets import Workbench  # noqa: E402
 
 PNG = b"\x89PNG"
@@ -66,9 +67,14 @@ def test_run_click_prunes_and_shows_figures_and_table(tiny_folder):
     assert wb.progress.value == 1.0 and wb.cancel_button.disabled
     html = wb.summary.value
     assert "<table" in html and "Over MLP block sparsity" in html and "0.5000" in html and "wanda" in html
+    # the figures lead: metric, dense, pruned, the change in words; then the context
+    assert html.index(">Metric<") < html.index(">Dense<") < html.index(">Pruned<") < html.index(">Change<") \
+        < html.index(">Over MLP block sparsity<")
+    assert "accuracy " in html and " points" in html and "perplexity x" in html
     assert set(outcome.table["Method"]) == {"wanda"}
     assert list(outcome.table["Metric"]) == ["LAMBADA last-word accuracy", "LAMBADA last-word perplexity"]
     assert set(wb.zoom_layer.options) == set(outcome.result.masks)
+    assert wb.zoom_layer.value == outcome.zoom_layer == most_pruned_layer(outcome.result)
     before = wb.zoom.value
     wb.zoom_layer.value = wb.zoom_layer.options[-1]
     assert is_png(wb.zoom) and wb.zoom.value != before
@@ -174,8 +180,11 @@ def test_cancel_from_another_thread_and_busy_guard(tiny_folder):
     assert wb.error.startswith("Cancelled") and wb.result is None and mlp_zeros(wb.model) == 0.0
 
 
-def test_sweep_draws_the_curve(tiny_folder):
+def test_sweep_draws_the_curve(tiny_folder, tmp_path):
     wb = panel(tiny_folder, eval_tasks=("lambada",))
+    wb.run_button.click()  # prune 2:4 first: the sweep must not throw that work away
+    assert wb.error == "", wb.error
+    pruned = {name: p.detach().clone() for name, p in wb.model.named_parameters()}
     wb.sweep_methods.value = ("wanda",)
     wb.sweep_sparsities.value = "0.25, 0.5"
     wb.sweep_button.click()
@@ -185,7 +194,14 @@ def test_sweep_draws_the_curve(tiny_folder):
     assert table.loc[table["method"] != "dense", "sparsity_blocks"].round(2).tolist() == [0.25, 0.5]
     assert "lambada/accuracy" in table.columns
     assert is_png(wb.curve) and "<table" in wb.sweep_html.value
-    assert mlp_zeros(wb.model) == 0.0  # the sweep leaves the model dense
+    # the sweep ran from the dense weights (its dense row has no zeros) and left the pruned model in place
+    assert table["sparsity_blocks"].iloc[0] == 0.0 and mlp_zeros(wb.model) == pytest.approx(0.5)
+    assert all(torch.equal(p, pruned[name]) for name, p in wb.model.named_parameters())
+    assert wb.session.is_pruned and "pruned model is unchanged" in wb.message.value
+    wb.export_root.value = str(tmp_path)
+    wb.export_zip.value = False
+    wb.export_button.click()
+    assert wb.error == "" and (wb.exported.path / "recipe.json").is_file()
 
 
 @pytest.mark.parametrize("text, expected", [("0.3, abc", "numbers separated by commas"),

@@ -9,7 +9,7 @@ import torch
 from conftest import char_tokenizer
 from tiny_models import tiny_model
 
-from workbench import workflow
+from workbench import snapshot, workflow
 from workbench.prune import PruneCancelled
 
 SMALL = {"nsamples": 4, "seqlen": 32}
@@ -34,7 +34,7 @@ def session(tiny_folder) -> workflow.Session:
 
 
 def block_weights(session) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in workflow._block_parameters(session.model).items()}
+    return snapshot.take(session.model)
 
 
 def test_load_reports_the_model(session, tiny_folder):
@@ -43,7 +43,7 @@ def test_load_reports_the_model(session, tiny_folder):
     assert info["blocks"] == 2
     assert info["params"] == sum(p.numel() for p in session.model.parameters())
     assert "q_proj" in info["prunable_linears_per_block"]
-    assert set(session.dense_state) == set(workflow._block_parameters(session.model))
+    assert set(session.dense_state) == set(snapshot.block_parameters(session.model))
 
 
 def test_load_bad_sources_say_what_is_wrong(tmp_path):
@@ -90,6 +90,18 @@ def test_dense_evaluation_is_cached(session):
     cached = session.dense_eval
     again = workflow.run_prune(session, {"method": "wanda", "pattern": "2:4", **SMALL}, ["lambada"], 2)
     assert again.dense_eval is cached and again.timings["dense_eval_s"] == 0.0
+
+
+def test_dense_evaluation_of_a_pruned_session_keeps_the_pruned_model(session):
+    dense_first = workflow.evaluate_dense(session, ["wikitext2"], 2)
+    outcome = workflow.run_prune(session, {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.6, **SMALL})
+    pruned = block_weights(session)
+    session.dense_eval = None  # force a second dense evaluation while the model is pruned
+    again = workflow.evaluate_dense(session, ["wikitext2"], 2)
+    assert again["wikitext2"]["perplexity"] == pytest.approx(dense_first["wikitext2"]["perplexity"], rel=1e-6)
+    assert session.result is outcome.result
+    after = block_weights(session)
+    assert all(torch.equal(after[name], pruned[name]) for name in pruned)
 
 
 def test_cancel_stops_between_blocks_and_restores_dense(session):
@@ -188,7 +200,8 @@ def test_record_run_lands_in_the_run_store(session, tmp_path):
     assert (path / "heatmap.png").is_file() and (path / "summary.csv").is_file()
 
 
-def test_sweep_streams_points_and_leaves_the_model_dense(session, tmp_path):
+def test_sweep_streams_points_and_leaves_a_dense_model_dense(session, tmp_path):
+    # a pruned model stays pruned through a sweep: tests/test_sweep.py
     dense = block_weights(session)
     tables = list(workflow.iter_sweep(session, ["magnitude"], [0.5], ["2:4"], ["lambada"], 2,
                                       run_dir=tmp_path / "sweep", **SMALL))

@@ -19,8 +19,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from workbench import snapshot
 from workbench.arch import describe, weight_of
-from workbench.methods import METHODS
+from workbench.methods import METHODS, elementwise_methods, method_record
+from workbench.methods.wanda import wanda_scores
 from workbench.patterns import check_sparsity, parse_pattern
 from workbench.prune import CalibrationCache, PruneConfig, collect_dense_stats
 
@@ -45,8 +47,7 @@ def outlier_ratios(model: nn.Module, cache: CalibrationCache, m: float = 5.0,
             ratios.append(0.0)
             continue
         scores = torch.cat([
-            (weight_of(lin.module).detach().float().abs()
-             * cache.dense_stats[lin.full_name].input_norms().to("cpu")[None, :]).flatten()
+            wanda_scores(weight_of(lin.module).detach().float().cpu(), cache.dense_stats[lin.full_name]).flatten()
             for lin in linears])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios
@@ -143,14 +144,18 @@ def block_sensitivity(model: nn.Module, ids: torch.Tensor, target: float, method
     Statistics come from the dense network (`cache`, collected if absent), so every block is
     judged under the same conditions. The model's weights are restored after each block.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
+    if method not in elementwise_methods():
+        what = f"{method} removes whole channels or heads" if method in METHODS else f"unknown method {method!r}"
+        raise ValueError(f"{what}: block sensitivity prunes single weights, choose one of "
+                         f"{sorted(elementwise_methods())}")
+    record = method_record(method)
     parsed = parse_pattern(pattern)
     check_sparsity(target)
     ids = ids.ids if hasattr(ids, "ids") else ids
-    if cache is None or cache.dense_stats is None or (method == "sparsegpt" and not cache.gram):
+    gram = record.stats == "gram"
+    if cache is None or cache.dense_stats is None or (gram and not cache.gram):
         config = PruneConfig(method=method, scope=scope, batch_size=batch_size)
-        cache = collect_dense_stats(model, config, calibration=ids, gram=method == "sparsegpt")
+        cache = collect_dense_stats(model, config, calibration=ids, gram=gram)
     layout, scoped = _scoped(model, scope)
     ratios = outlier_ratios(model, cache, m=m, scope=scope)
     was_training = model.training
@@ -159,18 +164,16 @@ def block_sensitivity(model: nn.Module, ids: torch.Tensor, target: float, method
     rows = []
     try:
         for block, linears in zip(layout.blocks, scoped):
-            saved = [weight_of(lin.module).detach().clone() for lin in linears]
+            saved = snapshot.take(model, [f"{lin.full_name}.weight" for lin in linears])
             try:
                 for lin in linears:
                     weight = weight_of(lin.module)
-                    new_weight, keep = METHODS[method](weight.float().clone(),
-                                                       cache.dense_stats.get(lin.full_name),
-                                                       parsed, target)
+                    new_weight, keep = record.prune(weight.float().clone(),
+                                                    cache.dense_stats.get(lin.full_name), parsed, target)
                     weight.copy_((new_weight * keep).to(weight.dtype))
                 loss = _loss(model, ids, batch_size)
             finally:
-                for lin, original in zip(linears, saved):
-                    weight_of(lin.module).copy_(original)
+                snapshot.put_back(model, saved)
             rows.append({"block": block.index, "loss": loss, "loss_increase": loss - dense_loss,
                          "outlier_ratio": ratios[block.index]})
             log.info("block %d alone at %.2f: loss %.4f (+%.4f)", block.index, target, loss,

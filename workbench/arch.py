@@ -28,7 +28,6 @@ ROLE_BY_NAME = {
     "down_proj": "down", "fc2": "down", "fc_out": "down", "dense_4h_to_h": "down", "w2": "down",
 }
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
-MLP_ROLES = ("gate", "up", "gate_up", "down")  # gate_up: one matrix for both (Phi-3)
 _ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP_NAMES_IN_ATTENTION = {"c_proj": "o", "dense": "o"}
 _MLP_NAMES_IN_MLP = {"c_proj": "down", "dense": "down"}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
+
+from workbench import jsonio
 
 log = logging.getLogger("workbench")
 
@@ -20,17 +21,7 @@ EXIT_USAGE = 2
 
 def emit_json(obj) -> None:
     """Print `obj` as one compact JSON line on stdout (NaN/inf become null)."""
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    print(json.dumps(clean(obj), default=str), flush=True)
+    print(jsonio.dumps(obj), flush=True)
 
 
 def split_list(values: Sequence[str] | None) -> list[str]:
@@ -68,6 +59,13 @@ def load_from_args(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code)
 
 
+def open_session_from_args(args: argparse.Namespace):
+    """A one-shot workflow session on --model (with --dtype, --revision, --data-dir ...)."""
+    from workbench.workflow import one_shot_session
+
+    return one_shot_session(load_from_args(args), data_dir=args.data_dir)
+
+
 def format_results(results: dict) -> str:
     """A small fixed-width table: task, metric, value, 95% interval (per-item scores left out)."""
     from workbench.intervals import format_interval
@@ -84,12 +82,12 @@ def format_results(results: dict) -> str:
 
 
 def _add_evaluate(subparsers) -> None:
-    from workbench.evaluate import TASKS
+    from workbench.evaluate import task_names
 
     parser = subparsers.add_parser("evaluate", help="LAMBADA accuracy and WikiText-2 perplexity of a model")
     add_model_arguments(parser)
     parser.add_argument("--task", action="append", default=None,
-                        help=f"{', '.join(TASKS)}, zero-shot (the papers' 7 tasks) or any lm-eval task as "
+                        help=f"{', '.join(task_names())} or any lm-eval task as "
                         "lm-eval:NAME (repeat or comma-separate; default: lambada,wikitext2)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="first N LAMBADA passages / N WikiText-2 windows / N documents per lm-eval task")
@@ -108,30 +106,18 @@ def _add_evaluate(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench import cli_offload_eval
-    from workbench.evaluate import check_tasks, evaluate
+    from workbench import cli_offload_eval, workflow
+    from workbench.evaluate import check_tasks
 
     tasks = check_tasks(split_list(args.task) or ["lambada", "wikitext2"])
     status = cli_offload_eval.evaluate_command(args, tasks, emit_json, format_results)
     if status is not None:  # evaluated out of core
         return status
-    loaded = load_from_args(args)
-    if "wikitext2" in tasks:
-        from workbench.guards import check_seqlen
-
-        check_seqlen(loaded.model, args.seqlen, "--seqlen")
-    results = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        tasks=tasks,
-        limit=args.limit,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        seqlen=args.seqlen,
-        include_path=args.include_path,
-        num_fewshot=args.num_fewshot,
-        bos_per_window=args.bos_per_window,
-    )
+    session = open_session_from_args(args)
+    loaded = session.loaded
+    results = workflow.evaluate_job(session, tasks, args.limit, seqlen=args.seqlen, batch_size=args.batch_size,
+                                    include_path=args.include_path, num_fewshot=args.num_fewshot,
+                                    bos_per_window=args.bos_per_window)
     if args.json:
         emit_json({"model": loaded.source, "resolved": loaded.resolved, "dtype": loaded.dtype,
                    "limit": args.limit, "results": results})
@@ -170,13 +156,20 @@ def _add_sweep(subparsers) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster: auto, ray://host:10001 (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--device", default="cpu", help="where each Ray task prunes and evaluates (cpu, cuda)")
+    parser.add_argument("--budget", type=positive_int, default=None, metavar="ITEMS",
+                        help="budgeted sweep: score every point on --first items per task, then spend the rest "
+                        "of ITEMS (items per task, over all points) doubling the items of neighbouring points "
+                        "whose difference is not yet significant, up to --limit each")
+    parser.add_argument("--first", type=positive_int, default=50,
+                        help="with --budget: items per task every point is scored on first (default 50)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     parser.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench import workflow
     from workbench.runs import default_root
-    from workbench.sweep import SweepConfig, default_evaluator, run_sweep, summarize
+    from workbench.sweep import SweepConfig, summarize
 
     try:
         sparsities = tuple(float(s) for s in split_list([args.sparsities]))
@@ -194,27 +187,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         import datetime as dt
 
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        args.out = str(default_root() / f"{stamp}-sweep")
-    if config.backend == "ray":  # the workers load the model; this process only collects rows
-        from workbench.ray_sweep import run_ray_sweep
-
-        table = run_ray_sweep(args.model, config, run_dir=args.out, dtype=args.dtype, revision=args.revision,
-                              trust_remote_code=args.trust_remote_code, data_dir=args.data_dir)
-    else:
-        loaded = load_from_args(args)
-        calibration = None
-        if args.data_dir is not None:  # calibration files come from --data-dir too
-            from workbench.data import load_calibration
-
-            calibration = load_calibration(loaded.tokenizer, config.calibration, nsamples=config.nsamples,
-                                           seqlen=config.seqlen, seed=config.seed, data_dir=args.data_dir)
-        table = run_sweep(loaded.model, loaded.tokenizer, config, run_dir=args.out,
-                          evaluate_fn=default_evaluator(loaded.tokenizer, config, args.data_dir),
-                          calibration=calibration, model_name=loaded.resolved)
-    failed = table.attrs.get("failed", {})
+        args.out = str(default_root() / f"{stamp}-{'budgeted-' if args.budget else ''}sweep")
+    done = workflow.sweep_job(config, args.out, args.model, dtype=args.dtype, revision=args.revision,
+                              trust_remote_code=args.trust_remote_code, data_dir=args.data_dir,
+                              budget=args.budget, first=args.first)
     from workbench.runs import load_run
 
     run = load_run(args.out)
+    if args.budget:
+        return _print_budgeted(args, done, run)
+    table = done
+    failed = table.attrs.get("failed", {})
     if args.json:
         emit_json({"run": str(run.path), "status": run.status,
                    "rows": summarize(table).to_dict(orient="records"), "failed": failed})
@@ -224,6 +207,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"failed: {key}: {error}")
         print(f"run: {run.path} ({run.status})")
     return 1 if failed else 0
+
+
+def _print_budgeted(args: argparse.Namespace, outcome, run) -> int:
+    """The table of a budgeted sweep: each point's metrics, items scored and whether it is resolved."""
+    from workbench.sweep import summarize
+
+    columns = [c for c in ("items", "resolved") if c in outcome.table.columns]
+    rows = summarize(outcome.table).join(outcome.table[columns])
+    if args.json:
+        emit_json({"run": str(run.path), "status": run.status, "rows": rows.to_dict(orient="records"),
+                   "budget": args.budget, "items_used": outcome.items_used, "metric": outcome.metric,
+                   "resolved": outcome.resolved, "rounds": outcome.rounds})
+    else:
+        print(rows.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"items used: {outcome.items_used} of {args.budget} per task; resolved on {outcome.metric} "
+              f"after {outcome.rounds} rounds")
+        print(f"run: {run.path} ({run.status})")
+    return 0
 
 
 def _add_runs(subparsers) -> None:
@@ -303,10 +304,10 @@ def _add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
-    from workbench.export import FORMATS, export_destination, export_model
-    from workbench.recipe import RECIPE_FILE, masks_match, read_recipe, reproduce
+    from workbench import workflow
+    from workbench.export import FORMATS, export_destination
+    from workbench.recipe import read_recipe
 
     formats = split_list(args.format) or ["masked"]
     unknown = [f for f in formats if f not in FORMATS]
@@ -319,24 +320,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"--push-to needs a hub token in the environment variable {args.token_env}")
     export_destination(args.root, args.name, args.overwrite, not args.no_zip, create=False)  # before any work
     recipe = read_recipe(args.recipe) if args.recipe else None
-    result, carried, matched = None, None, None
     if recipe is not None:
         args.model = args.model or recipe.model.get("source")
         args.dtype = args.dtype or recipe.model.get("dtype")
     args.model = args.model or "default"
     args.dtype = args.dtype or "fp32"
-    loaded = load_from_args(args)
-    if recipe is not None:
-        _, _, result = reproduce(recipe, model=loaded.model, tokenizer=loaded.tokenizer,
-                                 data_dir=args.data_dir)
-        matched = masks_match(recipe, result)
-    elif Path(args.model, RECIPE_FILE).is_file():  # an earlier export: keep its recipe
-        carried = read_recipe(Path(args.model)).raw
-    exported = export_model(loaded.model, loaded.tokenizer, args.root, args.name, formats=formats,
-                            result=result, source=loaded, overwrite=args.overwrite,
-                            make_zip=not args.no_zip, push_to=args.push_to, token=token,
-                            private=not args.public, round_to=args.round_to, uniform=args.uniform,
-                            recipe=carried)
+    session = open_session_from_args(args)
+    exported, matched = workflow.export_job(session, args.root, args.name, formats, recipe=recipe,
+                                            overwrite=args.overwrite, make_zip=not args.no_zip,
+                                            push_to=args.push_to, token=token, private=not args.public,
+                                            round_to=args.round_to, uniform=args.uniform)
     summary = {"path": str(exported.path), "zip": str(exported.zip_path) if exported.zip_path else None,
                "formats": formats, "sizes": exported.sizes, "hub_url": exported.hub_url,
                "masks_match_recipe": matched}
@@ -361,8 +354,9 @@ _PRUNE_DEFAULTS = {"method": "sparsegpt", "pattern": "unstructured", "sparsity":
 def prune_from_recipe(args: argparse.Namespace) -> int:
     """`prune --recipe`: the recipe's model (unless --model names another), config and
     calibration; exits 1 when the masks differ from the ones the recipe recorded."""
-    from workbench.evaluate import check_tasks, compare, evaluate
-    from workbench.recipe import masks_match, read_recipe, reproduce
+    from workbench import workflow
+    from workbench.evaluate import check_tasks, compare
+    from workbench.recipe import read_recipe
 
     changed = [f"--{k}" for k, v in _PRUNE_DEFAULTS.items() if getattr(args, k, v) != v]
     if changed:
@@ -374,17 +368,12 @@ def prune_from_recipe(args: argparse.Namespace) -> int:
         args.model = recipe.model["source"]
         args.dtype = recipe.model.get("dtype") or args.dtype
         args.revision = args.revision or recipe.model.get("revision")
-    loaded = load_from_args(args)
-    dense = sparse = None
-    if tasks:
-        dense = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
-    _, _, result = reproduce(recipe, model=loaded.model, tokenizer=loaded.tokenizer,
-                             data_dir=args.data_dir, device=args.device)
-    matched = masks_match(recipe, result)
-    if tasks:
-        sparse = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
-    if out is not None:
-        save_model_folder(loaded.model, loaded.tokenizer, out, args.overwrite)
+    session = open_session_from_args(args)
+    loaded = session.loaded
+    job = workflow.reproduce_job(session, recipe, tasks, args.limit, device=args.device, out=out,
+                                 overwrite=args.overwrite, record=not args.no_record)
+    result, matched = job.outcome.result, job.masks_match
+    dense, sparse = job.outcome.dense_eval, job.outcome.pruned_eval
     summary = result.summary
     print(f"{recipe.config.method} {recipe.config.pattern} on {loaded.resolved} from {args.recipe}: "
           f"MLP {summary['mlp']:.4f}, element-wise over matmul {summary['matmul']:.4f}")
@@ -392,12 +381,15 @@ def prune_from_recipe(args: argparse.Namespace) -> int:
            None: "the recipe records no masks to compare"}[matched])
     if tasks:
         print(compare(dense, sparse).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if job.run is not None:
+        print(f"run: {job.run}")
     if args.json:
         emit_json({"model": loaded.source, "resolved": loaded.resolved, "recipe": str(args.recipe),
                    "config": recipe.config.to_dict(), "calibration": result.calibration,
                    "summary": summary, "masks_match_recipe": matched,
                    "evaluation": {"dense": dense, "sparse": sparse},
-                   "out": str(out) if out is not None else None})
+                   "out": str(out) if out is not None else None,
+                   "run": str(job.run) if job.run is not None else None})
     return 0 if matched is not False else 1
 
 
@@ -421,7 +413,10 @@ def _add_prune(subparsers) -> None:
                         help="first N LAMBADA passages / WikiText-2 windows")
     parser.add_argument("--out", default=None, help="save the pruned model here (safetensors + tokenizer)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    parser.add_argument("--allocation", default="auto", choices=["auto", "global", "uniform"],
+    parser.add_argument("--no-record", action="store_true",
+                        help="do not record the run in the run store ($WORKBENCH_RUNS or ./runs)")
+    parser.add_argument("--unit-allocation", "--allocation", dest="unit_allocation", default="auto",
+                        choices=["auto", "global", "uniform"],
                         help="channel/head patterns: units removed across blocks (global, retrain-free's "
                         "default) or the same count per block (uniform)")
     parser.add_argument("--budget", default="units", choices=["units", "flops"],
@@ -463,9 +458,9 @@ def save_model_folder(model, tokenizer, path, overwrite: bool = False):
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from workbench import distributed
-    from workbench.evaluate import check_tasks, compare, evaluate
-    from workbench.prune import PruneConfig, prune
+    from workbench import distributed, workflow
+    from workbench.evaluate import check_tasks
+    from workbench.prune import PruneConfig
 
     if args.recipe:
         if distributed.launched_by_torchrun():
@@ -475,7 +470,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, scope=args.scope,
                          exclude=args.exclude, calibration=args.calib, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=args.seed, device=args.device,
-                         allocation=getattr(args, "allocation", "auto"),
+                         unit_allocation=getattr(args, "unit_allocation", "auto"),
                          budget=getattr(args, "budget", "units"),
                          mask_tuning=False if getattr(args, "no_mask_tuning", False) else None,
                          offload=getattr(args, "offload", "auto"))
@@ -498,59 +493,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not ranks.is_main:
         tasks = []
 
-    loaded = load_from_args(args)
-    seconds = {}
-    dense = sparse = None
-    if tasks:
-        t0 = time.perf_counter()
-        dense = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
-        seconds["evaluate_dense"] = time.perf_counter() - t0
-    calibration = None
-    if args.data_dir is not None and config.uses_calibration:  # calibration files come from --data-dir too
-        from workbench.data import load_calibration
-        from workbench.guards import check_seqlen
+    session = open_session_from_args(args)
+    slim = {"round_to": args.round_to, "uniform": args.uniform} if getattr(args, "slim", False) else None
+    job = workflow.prune_job(session, config, tasks, args.limit, slim=slim, out=out, overwrite=args.overwrite,
+                             record=ranks.is_main and not args.no_record)
+    job.seconds["total"] = time.perf_counter() - started
+    _print_prune(args, config, session.loaded, job)
+    return 0
 
-        check_seqlen(loaded.model, config.seqlen, "--seqlen")
-        calibration = load_calibration(loaded.tokenizer, config.calibration, nsamples=config.nsamples,
-                                       seqlen=config.seqlen, seed=config.seed, data_dir=args.data_dir)
-    result = prune(loaded.model, config, calibration=calibration, tokenizer=loaded.tokenizer)
-    seconds["prune"] = result.seconds
-    if tasks:
-        t0 = time.perf_counter()
-        sparse = evaluate(loaded.model, loaded.tokenizer, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
-        seconds["evaluate_sparse"] = time.perf_counter() - t0
-    slim_info = None
-    if getattr(args, "slim", False):
-        from workbench.slim import slim_model
 
-        slimmed = slim_model(loaded.model, result, round_to=args.round_to, uniform=args.uniform)
+def _print_prune(args: argparse.Namespace, config, loaded, job) -> None:
+    """What `prune` prints: slimming, counted sparsity, dense vs pruned, where it went; --json last."""
+    from workbench.evaluate import compare
+
+    result, slimmed, slim_info, out = job.outcome.result, job.slimmed, None, job.out
+    if slimmed is not None:
         slim_info = {"sizes": slimmed.sizes, "stock_loadable": slimmed.stock_loadable,
                      "parameters_before": slimmed.parameters_before,
                      "parameters_after": slimmed.parameters_after}
         print(f"slimmed: {slimmed.parameters_before:,} -> {slimmed.parameters_after:,} parameters, "
               f"{slimmed.kind} sizes per block {sorted(set(slimmed.sizes))}"
               + ("" if slimmed.stock_loadable else " (reload with workbench.slim.load_slimmed)"))
-    if out is not None:
-        t0 = time.perf_counter()
-        save_model_folder(loaded.model, loaded.tokenizer, out, args.overwrite)
-        seconds["save"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - started
-
     summary = result.summary
     print(f"{config.method} {config.pattern} on {loaded.resolved}: counted sparsity "
           f"{summary['blocks']:.4f} over the pruned blocks (MLP {summary['mlp']:.4f}, attention "
           f"{summary['attention']:.4f}, element-wise over matmul {summary['matmul']:.4f}) "
           f"in {result.seconds:.1f} s")
-    if tasks:
+    dense, sparse = job.outcome.dense_eval, job.outcome.pruned_eval
+    if dense is not None and sparse is not None:
         print(compare(dense, sparse).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if out is not None:
         print(f"saved: {out}")
+    if job.run is not None:
+        print(f"run: {job.run}")
     if args.json:
         emit_json({"model": loaded.source, "resolved": loaded.resolved, "dtype": loaded.dtype,
                    "config": config.to_dict(), "calibration": result.calibration, "summary": summary,
-                   "evaluation": {"dense": dense, "sparse": sparse}, "seconds": seconds,
-                   "out": str(out) if out is not None else None, "slim": slim_info})
-    return 0
+                   "evaluation": {"dense": dense, "sparse": sparse}, "seconds": job.seconds,
+                   "out": str(out) if out is not None else None, "slim": slim_info,
+                   "run": str(job.run) if job.run is not None else None})
 
 
 def build_parser() -> argparse.ArgumentParser:

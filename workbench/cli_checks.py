@@ -55,7 +55,7 @@ def log_dir() -> Path:
 
 def write_error_log(error: BaseException, argv: Sequence[str]) -> Path:
     """The full traceback, the command line and the versions, in a new file; its path."""
-    from workbench.runs import library_versions
+    from workbench.versions import library_versions
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = (f"command: python -m workbench {' '.join(argv)}\n"
@@ -121,7 +121,7 @@ def _unused(args: argparse.Namespace, given: set[str]) -> list[tuple[str, str]]:
     command = args.command
     if command == "prune":
         if getattr(args, "recipe", None):
-            fixed = [name for name in ("allocation", "no_mask_tuning", "slim", "round_to", "uniform")
+            fixed = [name for name in ("unit_allocation", "no_mask_tuning", "slim", "round_to", "uniform")
                      if name in given]
             found += [(name, "--recipe fixes the prune config: drop it (or edit the recipe)")
                       for name in fixed]
@@ -131,7 +131,7 @@ def _unused(args: argparse.Namespace, given: set[str]) -> list[tuple[str, str]]:
                 if name in given and not args.slim:
                     found.append((name, "it sizes the slimmed model: add --slim (with --pattern "
                                   "channel or head), or drop it"))
-            for name in ("allocation", "no_mask_tuning"):
+            for name in ("unit_allocation", "no_mask_tuning"):
                 if name in given and not structured:
                     found.append((name, f"it applies to the channel/head patterns, not --pattern "
                                   f"{args.pattern}: drop it"))
@@ -164,6 +164,11 @@ def _unused(args: argparse.Namespace, given: set[str]) -> list[tuple[str, str]]:
                        "to --tasks") for name in ("windows", "eval_seqlen") if name in given]
         if "address" in given and getattr(args, "backend", "local") != "ray":
             found.append(("address", "it names a Ray cluster: add --backend ray or drop it"))
+        if "first" in given and not args.budget:
+            found.append(("first", "it is the budgeted sweep's first round: add --budget ITEMS or drop it"))
+        if "windows" in given and args.budget:
+            found.append(("windows", "a budgeted sweep scores the same number of items of every task, up "
+                          "to --limit: drop it"))
     elif command == "export":
         from workbench.cli import split_list
 

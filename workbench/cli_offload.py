@@ -36,8 +36,8 @@ def local_checkpoint(model: str) -> Path | None:
 def prune_command(args: argparse.Namespace, config: PruneConfig, emit_json) -> int | None:
     """Print the estimate; run the prune out of core when asked or needed and return the exit
     status, or return None to let the in-memory prune go on."""
+    from workbench import distributed, workflow
     from workbench.memory import estimate_memory
-    from workbench.offload import prune_from_disk
 
     mode = getattr(args, "offload", "auto")
     resume = getattr(args, "resume", False)
@@ -52,7 +52,8 @@ def prune_command(args: argparse.Namespace, config: PruneConfig, emit_json) -> i
         return None
     estimate = estimate_memory(folder, config, load_dtype=args.dtype)
     offload = mode == "disk" or resume or (mode == "auto" and estimate.offload)
-    print(("out of core: " if offload else "in memory: ") + estimate.describe(), file=sys.stderr, flush=True)
+    if distributed.is_main():  # under torchrun every rank computes it; one line is enough
+        print(("out of core: " if offload else "in memory: ") + estimate.describe(), file=sys.stderr, flush=True)
     if not offload:
         return None
     if args.out is None:
@@ -60,34 +61,30 @@ def prune_command(args: argparse.Namespace, config: PruneConfig, emit_json) -> i
                          + ("" if mode == "disk" else f" (the model needs about {estimate.in_memory_bytes / 2**30:.1f}"
                             f" GiB in memory, {estimate.available_bytes / 2**30:.1f} GiB available; or force "
                             "--offload none)"))
-    if args.eval or getattr(args, "slim", False):
-        raise ValueError("--eval and --slim need the whole model in memory; prune out of core first, then "
+    if args.eval:
+        raise ValueError("--eval needs the whole model in memory; prune out of core first, then "
                          "evaluate the saved folder (python -m workbench evaluate --model OUT)")
-    calibration = tokenizer = None
-    if args.data_dir is not None:
-        from transformers import AutoTokenizer
+    slim = {"round_to": args.round_to, "uniform": args.uniform} if getattr(args, "slim", False) else None
 
-        from workbench.data import load_calibration
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        calibration = load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
-                                       seqlen=config.seqlen, seed=config.seed, data_dir=args.data_dir)
-
-    def report(done: int, total: int, message: str) -> None:
+    def report(fraction: float, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    result = prune_from_disk(folder, args.out, config, calibration=calibration, tokenizer=tokenizer,
-                             resume=resume, overwrite=args.overwrite,
-                             activations_in_memory=estimate.activations_in_memory, progress=report)
+    result, run = workflow.prune_out_of_core(args.model, folder, args.out, config, dtype=args.dtype,
+                                             data_dir=args.data_dir, resume=resume, overwrite=args.overwrite,
+                                             activations_in_memory=estimate.activations_in_memory,
+                                             record=not getattr(args, "no_record", False), progress=report,
+                                             slim=slim)
     summary = result.summary
     print(f"{config.method} {config.pattern} on {folder} (out of core): counted sparsity {summary['blocks']:.4f} "
           f"over the pruned blocks (MLP {summary['mlp']:.4f}, attention {summary['attention']:.4f}, "
           f"element-wise over matmul {summary['matmul']:.4f}) in {result.seconds:.1f} s")
     print(f"saved: {args.out}")
+    if run is not None:
+        print(f"run: {run}")
     if args.json:
         emit_json({"model": args.model, "resolved": str(folder), "config": config.to_dict(), "offload": True,
                    "estimate": estimate.to_dict(), "calibration": result.calibration, "summary": summary,
                    "seconds": {"prune": result.seconds, "total": time.perf_counter() - started},
-                   "out": str(args.out)})
+                   "out": str(args.out), "run": str(run) if run is not None else None})
     return 0

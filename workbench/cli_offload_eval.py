@@ -46,11 +46,19 @@ def evaluate_command(args: argparse.Namespace, tasks: Sequence[str], emit_json: 
     from workbench.data import load_wikitext2_test
     from workbench.guards import check_seqlen
 
-    check_seqlen(AutoConfig.from_pretrained(folder), args.seqlen, "--seqlen")
-    result = perplexity_from_disk(folder, load_wikitext2_test(args.data_dir), seqlen=args.seqlen,
-                                  batch_size=args.batch_size or 8, limit=args.limit,
-                                  bos_per_window=args.bos_per_window)
-    results = {"wikitext2": result}
+    results = {}
+    if "wikitext2" in tasks:
+        check_seqlen(AutoConfig.from_pretrained(folder), args.seqlen, "--seqlen")
+        results["wikitext2"] = perplexity_from_disk(folder, load_wikitext2_test(args.data_dir), seqlen=args.seqlen,
+                                                    batch_size=args.batch_size or 8, limit=args.limit,
+                                                    bos_per_window=args.bos_per_window)
+    if "lambada" in tasks or "lambada-last-token" in tasks:
+        from workbench.data import load_lambada
+        from workbench.offload_eval import lambada_from_disk
+
+        results.update(lambada_from_disk(folder, load_lambada(args.data_dir), batch_size=args.batch_size or 16,
+                                         limit=args.limit, last_word="lambada" in tasks,
+                                         last_token="lambada-last-token" in tasks))
     if args.json:
         emit_json({"model": args.model, "resolved": str(folder), "dtype": "fp32", "limit": args.limit,
                    "offload": True, "results": results})

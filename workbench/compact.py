@@ -11,7 +11,6 @@ compressed-tensors integration no longer reads a `sparsity_config`, hence our ow
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -226,26 +225,17 @@ def read_compact_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dic
     return state, dict(info.get("aliases") or {})
 
 
-@contextmanager
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialise, just slower
-        yield
-        return
-    with no_init_weights():
-        yield
-
-
 def load_compact(folder: str | Path, device: str = "cpu") -> nn.Module:
     """Rebuild the dense model from a compact export: the exact stored values, in eval mode."""
+    # lazy: the Auto classes and their initialisation cost seconds of import that only loading needs
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     folder = Path(folder)
     state, aliases = read_compact_state(folder)
     config = AutoConfig.from_pretrained(folder)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    with _no_init():
+    with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # assign: the decoded tensors become the parameters, no second copy of the weights
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -104,6 +104,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _needs_gradients(method: str) -> bool:
+    from workbench.methods import METHODS
+
+    record = METHODS.get(method)
+    return record is not None and record.needs_gradients
+
+
 def check_supported(method: str, out_of_core: bool = False, ranks: Ranks | None = None) -> None:
     """Refuse what does not split across ranks, with the workaround."""
     ranks = ranks or current()
@@ -111,8 +118,8 @@ def check_supported(method: str, out_of_core: bool = False, ranks: Ranks | None 
         raise ValueError("an out-of-core prune (blocks read from and written to disk) runs in one "
                          "process: run it without torchrun, or with --offload none when the model "
                          "fits in each process's memory")
-    if ranks.active and method == "retrain-free":
-        raise ValueError("retrain-free's Fisher pass back-propagates through the whole model and "
+    if ranks.active and _needs_gradients(method):
+        raise ValueError(f"{method}'s Fisher pass back-propagates through the whole model and "
                          "is not split across processes: run it in a single process (without "
                          "torchrun), or use method 'wanda' or 'magnitude' for channel/head "
                          "patterns under torchrun")

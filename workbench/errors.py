@@ -17,6 +17,10 @@ from __future__ import annotations
 import json
 import struct
 
+import pyarrow
+from datasets.exceptions import DatasetGenerationError
+from safetensors import SafetensorError
+
 
 class WorkbenchError(ValueError):
     """A failure the user can fix; the message names the problem and the fix."""
@@ -49,24 +53,11 @@ def _library_errors() -> tuple[type[BaseException], ...]:
         RuntimeError, struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError,
         OverflowError, AssertionError,
     ]
-    try:  # safetensors: HeaderTooLarge, InvalidHeaderDeserialization, MetadataIncompleteBuffer, ...
-        from safetensors import SafetensorError
-
-        found.append(SafetensorError)
-    except ImportError:  # pragma: no cover - safetensors ships with transformers
-        pass
-    try:  # datasets wraps a reader's failure (bad UTF-8, a bad JSON line) in this
-        from datasets.exceptions import DatasetGenerationError
-
-        found.append(DatasetGenerationError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import pyarrow
-
-        found.append(pyarrow.ArrowException)
-    except ImportError:  # pragma: no cover
-        pass
+    found += [
+        SafetensorError,  # HeaderTooLarge, InvalidHeaderDeserialization, MetadataIncompleteBuffer, ...
+        DatasetGenerationError,  # datasets wraps a reader's failure (bad UTF-8, a bad JSON line) in this
+        pyarrow.ArrowException,
+    ]
     return tuple(dict.fromkeys(found))
 
 

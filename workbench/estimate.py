@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from workbench.arch import describe, in_out_features
+from workbench.flops import block_flops_per_token
 
 # Fractions of the probe's matmul rate that each kind of work reaches, from the engine
 # measurements on the bundled model (BENCHMARKS.md): block forwards ~0.8 (small micro-batches
@@ -85,12 +86,6 @@ def format_seconds(seconds: float) -> str:
     return f"about {hours} h {minutes} min" if minutes else f"about {hours} h"
 
 
-def _attention_flops(block, tokens: int, seqlen: int) -> float:
-    """Scores and weighted sum: 2 * 2 * tokens * seqlen * hidden width (causal: half)."""
-    widths = [in_out_features(lin.module)[0] for lin in block.select("attention")]
-    return 2 * tokens * seqlen * (widths[0] if widths else 0)
-
-
 def _shared_input(lin) -> str:
     """Linears fed the same tensor share one statistics object (and one SparseGPT factor)."""
     if lin.role in ("q", "k", "v", "qkv"):
@@ -116,17 +111,16 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
     uses_data = config.uses_calibration
     gram = config.collects_gram
     tokens = config.nsamples * config.seqlen if uses_data else 0
+    obs_solve = config.method_record.obs_update and not pattern.structured
     forward = gram_flops = solve_flops = solve_ops = 0.0
     for block in layout.blocks:
-        linears = block.select("all")
-        forward += sum(2 * tokens * in_out_features(lin.module)[0] * in_out_features(lin.module)[1]
-                       for lin in linears) + _attention_flops(block, tokens, config.seqlen)
+        forward += tokens * block_flops_per_token(block, layout, config.seqlen)
         scoped = block.select(config.scope)
         widths = {}  # one statistics (and one factor) per distinct input: q/k/v, gate/up share
         for lin in scoped:
             in_features, out_features = in_out_features(lin.module)
             widths.setdefault(_shared_input(lin), in_features)
-            if config.method == "sparsegpt" and not pattern.structured:
+            if obs_solve:
                 solve_flops += out_features * in_features**2
                 solve_ops += SOLVE_OPS_PER_COLUMN * in_features
             else:
@@ -134,7 +128,7 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
         for width in widths.values():
             if gram:
                 gram_flops += 2 * tokens * width**2 * 5 / 8  # upper strips only (workbench.stats)
-            if config.method == "sparsegpt" and not pattern.structured:
+            if obs_solve:
                 solve_flops += 4 / 3 * width**3  # factor, invert, factor
     parts = {}
     if uses_data:

@@ -17,6 +17,9 @@ rounding, ~1e-6).
 - `lm-eval:<task>` is any lm-eval task, run in process on the model in memory
   (`workbench.lmeval`); `zero-shot` is the papers' seven-task suite plus its mean.
 
+`TASKS` holds each task's loader, scorer, metric labels and dataset name; the CLI, the sweep, the
+workflow and both UIs read their task lists and labels from it.
+
 Every result keeps its per-item scores ("items": 0/1 "accuracy" and/or "nll" per passage, window
 or document; "item_ids") and intervals (`workbench.intervals`), so `compare` can pair two models
 item by item. The LM head never runs on a whole batch: the model is run to its final hidden
@@ -26,6 +29,7 @@ states and the head + log-softmax are applied to a bounded number of positions a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -33,8 +37,10 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -50,21 +56,15 @@ from workbench.intervals import (
     perplexity_summary,
     task_mean_summary,
 )
-from workbench.lmeval import ZERO_SHOT
+from workbench.lmeval import PREFIX as LM_EVAL_PREFIX
+from workbench.lmeval import ZERO_SHOT, run_tasks
+from workbench.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]  # (fraction done, message); gr.Progress fits
-TASKS = ("lambada", "lambada-last-token", "wikitext2")
 # A preset runs its member tasks and adds their mean accuracy under its own name.
-PRESETS = {"zero-shot": tuple("lm-eval:" + name for name in ZERO_SHOT)}
-METRIC_LABELS = {
-    ("lambada", "accuracy"): "LAMBADA last-word accuracy",
-    ("lambada", "perplexity"): "LAMBADA last-word perplexity",
-    ("lambada-last-token", "accuracy"): "LAMBADA last-token accuracy",
-    ("wikitext2", "perplexity"): "WikiText-2 perplexity",
-}
-_COMPARED_METRICS = ("accuracy", "perplexity")
+PRESETS = {"zero-shot": tuple(LM_EVAL_PREFIX + name for name in ZERO_SHOT)}
+METRIC_KEYS = ("accuracy", "perplexity")  # the figures compared, paired and put in sweep tables
 COMPARE_COLUMNS = ["metric", "dense", "sparse", "relative drop (%)"]
 INTERVAL_COLUMNS = ["dense 95% CI", "sparse 95% CI", "difference", "difference 95% CI", "significant"]
 
@@ -73,21 +73,22 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
+def _first_token_id(tokenizer, *names: str) -> int:
+    """The first of the tokenizer's `names` (e.g. "pad_token_id") that is set; 0 when none is."""
+    for name in names:
         value = getattr(tokenizer, name, None)
         if value is not None:
             return int(value)
     return 0
+
+
+def _pad_id(tokenizer) -> int:
+    return _first_token_id(tokenizer, "pad_token_id", "eos_token_id")
 
 
 def _prefix_id(tokenizer) -> int:
     """What lm-eval puts before an empty context: BOS if the tokenizer has one, else EOS."""
-    for name in ("bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
+    return _first_token_id(tokenizer, "bos_token_id", "eos_token_id")
 
 
 def _max_length(model) -> int:
@@ -215,24 +216,32 @@ def _score_tokens(model, ids: torch.Tensor, mask: torch.Tensor, rows: list[int],
     """Log-probability of token targets[i] at (rows[i], positions[i]) and whether it is the argmax.
 
     The LM head and log-softmax run on a bounded number of positions at a time."""
-    target = torch.as_tensor(targets, device=ids.device)
     if _head_splits(model, ids, mask):
-        hidden = _final_hidden(model, ids, mask)
-        picked = hidden[torch.as_tensor(rows, device=ids.device), torch.as_tensor(positions, device=ids.device)]
-        step = _positions_per_chunk(model)
-        logprobs, greedy = [], []
-        for start in range(0, len(targets), step):
-            logits = _head_logits(model, picked[start : start + step])
-            chunk_target = target[start : start + step]
-            greedy.append(logits.argmax(dim=-1) == chunk_target)
-            logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, chunk_target[:, None])[:, 0])
-        return torch.cat(logprobs), torch.cat(greedy)
+        return scores_from_hidden(model, _final_hidden(model, ids, mask), rows, positions, targets)
+    target = torch.as_tensor(targets, device=ids.device)
     union = sorted(set(positions))
     column_of = {position: column for column, position in enumerate(union)}
     logits = _logits_at(model, ids, mask, union)
     scores = logits[torch.as_tensor(rows), torch.as_tensor([column_of[p] for p in positions])].float()
     logprobs = F.log_softmax(scores, dim=-1).gather(-1, target[:, None])[:, 0]
     return logprobs, scores.argmax(dim=-1) == target
+
+
+def scores_from_hidden(model, hidden: torch.Tensor, rows: list[int], positions: list[int],
+                       targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_score_tokens` from the final hidden states (batch, seq, hidden): the LM head and
+    log-softmax of `model` run on a bounded number of positions at a time."""
+    device = hidden.device
+    picked = hidden[torch.as_tensor(rows, device=device), torch.as_tensor(positions, device=device)]
+    target = torch.as_tensor(targets, device=device)
+    step = _positions_per_chunk(model)
+    logprobs, greedy = [], []
+    for start in range(0, len(targets), step):
+        logits = _head_logits(model, picked[start : start + step])
+        chunk_target = target[start : start + step]
+        greedy.append(logits.argmax(dim=-1) == chunk_target)
+        logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, chunk_target[:, None])[:, 0])
+    return torch.cat(logprobs), torch.cat(greedy)
 
 
 def _window_nll(model, inputs: torch.Tensor) -> list[float]:
@@ -314,28 +323,48 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids) :]
 
 
-def lambada_last_word(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int = 16,
-    limit: int | None = None,
-    progress: Progress | None = None,
-) -> dict:
+def lambada_last_word(model, tokenizer, texts: Sequence[str], batch_size: int = 16, limit: int | None = None,
+                      progress: Progress | None = None) -> dict:
     """LAMBADA last-word accuracy and perplexity, as lm-eval's `lambada_openai`."""
     return _lambada(model, tokenizer, texts, batch_size, limit, progress, last_word=True)["lambada"]
 
 
-def last_token_accuracy(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int = 16,
-    limit: int | None = None,
-    progress: Progress | None = None,
-) -> dict:
+def last_token_accuracy(model, tokenizer, texts: Sequence[str], batch_size: int = 16, limit: int | None = None,
+                        progress: Progress | None = None) -> dict:
     """Share of passages whose last token is the argmax prediction from all tokens before it."""
     return _lambada(model, tokenizer, texts, batch_size, limit, progress, last_token=True)["lambada-last-token"]
+
+
+LambadaJob = tuple[str, int, int, list[int]]  # (metric "word"/"token", passage, first target position, targets)
+
+
+def lambada_sequences(tokenizer, texts: Sequence[str], max_length: int, last_word: bool, last_token: bool
+                      ) -> tuple[list[list[int]], list[list[LambadaJob]]]:
+    """The token sequences the LAMBADA metrics run, each once (the last-word input is usually the
+    same sequence as the last-token input), and per sequence the jobs it serves."""
+    sequences: list[list[int]] = []
+    row_of: dict[tuple[int, ...], int] = {}
+    jobs: list[list[LambadaJob]] = []
+
+    def add(inputs: list[int], job: LambadaJob) -> None:
+        key = tuple(inputs)
+        if key not in row_of:
+            row_of[key] = len(sequences)
+            sequences.append(inputs)
+            jobs.append([])
+        jobs[row_of[key]].append(job)
+
+    for index, text in enumerate(texts):
+        if last_word:
+            context_ids, target_ids = encode_pair(tokenizer, *split_last_word(text))
+            inputs = (context_ids + target_ids)[-(max_length + 1) :][:-1]
+            add(inputs, ("word", index, len(inputs) - len(target_ids), target_ids))
+        if last_token:
+            ids = tokenizer(text)["input_ids"][-(max_length + 1) :]
+            if len(ids) < 2:
+                raise ValueError(f"passage {index} has fewer than two tokens: nothing to predict")
+            add(ids[:-1], ("token", index, len(ids) - 2, ids[-1:]))
+    return sequences, jobs
 
 
 @torch.inference_mode()
@@ -359,32 +388,10 @@ def _lambada(
     if not texts:
         raise ValueError("no LAMBADA passages to evaluate")
     started = time.perf_counter()
-    device, pad_id, max_length = _device_of(model), _pad_id(tokenizer), _max_length(model)
+    device, pad_id = _device_of(model), _pad_id(tokenizer)
+    sequences, jobs = lambada_sequences(tokenizer, texts, _max_length(model), last_word, last_token)
 
-    sequences: list[list[int]] = []
-    row_of: dict[tuple[int, ...], int] = {}
-    jobs: list[list[tuple[str, int, int, list[int]]]] = []  # per sequence: (metric, passage, first, targets)
-
-    def add(inputs: list[int], job: tuple[str, int, int, list[int]]) -> None:
-        key = tuple(inputs)
-        if key not in row_of:
-            row_of[key] = len(sequences)
-            sequences.append(inputs)
-            jobs.append([])
-        jobs[row_of[key]].append(job)
-
-    for index, text in enumerate(texts):
-        if last_word:
-            context_ids, target_ids = encode_pair(tokenizer, *split_last_word(text))
-            inputs = (context_ids + target_ids)[-(max_length + 1) :][:-1]
-            add(inputs, ("word", index, len(inputs) - len(target_ids), target_ids))
-        if last_token:
-            ids = tokenizer(text)["input_ids"][-(max_length + 1) :]
-            if len(ids) < 2:
-                raise ValueError(f"passage {index} has fewer than two tokens: nothing to predict")
-            add(ids[:-1], ("token", index, len(ids) - 2, ids[-1:]))
-
-    loglikelihoods, word_correct, token_correct = [0.0] * len(texts), [False] * len(texts), [False] * len(texts)
+    scores = LambadaScores.empty(len(texts))
     # Longest first, like lm-eval: similar lengths share a batch and the first batch shows peak memory.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     desc = "lambada " + " + ".join(n for n, on in (("last-word", last_word), ("last-token", last_token)) if on)
@@ -392,50 +399,66 @@ def _lambada(
     for batch in _batches(order, batch_size):
         ids, mask = _right_padded([sequences[i] for i in batch], pad_id, device)
         # Only the target positions are scored: the LM head runs on those few hidden states.
-        rows, positions, targets, spans = [], [], [], []
-        for row, sequence_index in enumerate(batch):
-            for metric, passage, first, target_ids in jobs[sequence_index]:
-                spans.append((metric, passage, len(targets), len(target_ids)))
-                rows += [row] * len(target_ids)
-                positions += [first + k for k in range(len(target_ids))]
-                targets += list(target_ids)
-        logprobs, hits = _score_tokens(model, ids, mask, rows, positions, targets)
+        rows, positions, targets, spans = batch_targets(batch, jobs)
+        scores.record(spans, *_score_tokens(model, ids, mask, rows, positions, targets))
+        reporter.update(len(batch))
+    reporter.close()
+    return scores.results(last_word, last_token, tokens=sum(len(s) for s in sequences),
+                          seconds=time.perf_counter() - started)
+
+
+def batch_targets(batch: list[int], jobs: list[list[LambadaJob]]) -> tuple[list[int], list[int], list[int], list]:
+    """For the sequences `batch` (indices into `jobs`), padded as rows 0.. of one batch: the (row,
+    position, target token) of every token to score, and per job (metric, passage, its first
+    entry, its length)."""
+    rows, positions, targets, spans = [], [], [], []
+    for row, sequence_index in enumerate(batch):
+        for metric, passage, first, target_ids in jobs[sequence_index]:
+            spans.append((metric, passage, len(targets), len(target_ids)))
+            rows += [row] * len(target_ids)
+            positions += [first + k for k in range(len(target_ids))]
+            targets += list(target_ids)
+    return rows, positions, targets, spans
+
+
+@dataclass
+class LambadaScores:
+    """Per-passage LAMBADA outcomes, filled batch by batch (in memory or block by block from disk)."""
+
+    loglikelihoods: list[float]
+    word_correct: list[bool]
+    token_correct: list[bool]
+
+    @classmethod
+    def empty(cls, passages: int) -> LambadaScores:
+        return cls([0.0] * passages, [False] * passages, [False] * passages)
+
+    def record(self, spans: list, logprobs: torch.Tensor, hits: torch.Tensor) -> None:
+        """Take one batch's scored tokens (`batch_targets`' spans index into them)."""
         for metric, passage, start, count in spans:
             greedy = bool(hits[start : start + count].all())
             if metric == "token":
-                token_correct[passage] = greedy
+                self.token_correct[passage] = greedy
                 continue
-            loglikelihoods[passage] = logprobs[start : start + count].sum().item()
-            word_correct[passage] = greedy
-        reporter.update(len(batch))
-    reporter.close()
+            self.loglikelihoods[passage] = logprobs[start : start + count].sum().item()
+            self.word_correct[passage] = greedy
 
-    seconds = time.perf_counter() - started
-    tokens = sum(len(s) for s in sequences)
-    results = {}
-    item_ids = list(range(len(texts)))
-    if last_word:
-        nll = [-value for value in loglikelihoods]
-        results["lambada"] = {
-            **accuracy_summary([float(c) for c in word_correct]),
-            **perplexity_summary(nll),
-            "n": len(texts),
-            "tokens": tokens,
-            "seconds": seconds,
-            "items": {"accuracy": [float(c) for c in word_correct], "nll": nll},
-            "item_ids": item_ids,
-        }
-        results["lambada"]["perplexity"] = math.exp(-sum(loglikelihoods) / len(texts))
-    if last_token:
-        results["lambada-last-token"] = {
-            **accuracy_summary([float(c) for c in token_correct]),
-            "n": len(texts),
-            "tokens": tokens,
-            "seconds": seconds,
-            "items": {"accuracy": [float(c) for c in token_correct]},
-            "item_ids": item_ids,
-        }
-    return results
+    def results(self, last_word: bool, last_token: bool, tokens: int, seconds: float) -> dict:
+        """evaluate()'s "lambada" and/or "lambada-last-token" figures."""
+        passages = len(self.loglikelihoods)
+        common = {"n": passages, "tokens": tokens, "seconds": seconds}
+        results = {}
+        if last_word:
+            nll = [-value for value in self.loglikelihoods]
+            word = [float(c) for c in self.word_correct]
+            results["lambada"] = {**accuracy_summary(word), **perplexity_summary(nll), **common,
+                                  "items": {"accuracy": word, "nll": nll}, "item_ids": list(range(passages))}
+            results["lambada"]["perplexity"] = math.exp(-sum(self.loglikelihoods) / passages)
+        if last_token:
+            token = [float(c) for c in self.token_correct]
+            results["lambada-last-token"] = {**accuracy_summary(token), **common, "items": {"accuracy": token},
+                                             "item_ids": list(range(passages))}
+        return results
 
 
 @torch.inference_mode()
@@ -520,6 +543,120 @@ def window_convention(seqlen: int, bos_per_window: bool) -> str:
     return f"{seqlen}-token windows, no per-window BOS (SparseGPT/Wanda)"
 
 
+# --- the task table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """evaluate()'s options, as every task's loader and scorer read them."""
+
+    limit: int | None = None
+    data_dir: str | Path | None = None
+    batch_size: int | None = None
+    seqlen: int = 512
+    bos_per_window: bool = False
+    include_path: str | Path | Sequence[str | Path] | None = None
+    num_fewshot: int | None = None
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task.
+
+    `load(settings)` reads its data; `score(model, tokenizer, data, settings, names)` returns
+    {task name: figures} for `names`, the asked-for tasks that share this loader and scorer (they
+    run together: both LAMBADA metrics from one set of forward passes, all lm-eval tasks in one
+    go). `labels`: {metric key: what a table calls it}; `dataset`: what it is scored on; `unit`:
+    what `limit` counts ("window" tasks are sized by a sweep's `ppl_windows`)."""
+
+    load: Callable[[EvalSettings], object]
+    score: Callable[..., dict]
+    labels: dict[str, str] = field(default_factory=dict)
+    dataset: str = ""
+    unit: str = "document"
+
+
+def _load_lambada(settings: EvalSettings) -> list[str]:
+    return load_lambada(settings.data_dir, settings.limit)
+
+
+def _score_lambada(model, tokenizer, texts: list[str], settings: EvalSettings, names: Sequence[str]) -> dict:
+    return _lambada(model, tokenizer, texts, settings.batch_size or 16, None, settings.progress,
+                    last_word="lambada" in names, last_token="lambada-last-token" in names)
+
+
+def _load_wikitext2(settings: EvalSettings) -> str:
+    return load_wikitext2_test(settings.data_dir)
+
+
+def _score_perplexity(model, tokenizer, text: str, settings: EvalSettings, names: Sequence[str]) -> dict:
+    figures = perplexity(model, tokenizer, text, seqlen=settings.seqlen, batch_size=settings.batch_size or 8,
+                         limit=settings.limit, progress=settings.progress, bos_per_window=settings.bos_per_window)
+    return dict.fromkeys(names, figures)
+
+
+def _load_nothing(settings: EvalSettings) -> None:
+    """lm-eval reads each task's data itself, checking names and data before any model work."""
+
+
+def _score_lm_eval(model, tokenizer, _data, settings: EvalSettings, names: Sequence[str]) -> dict:
+    found = run_tasks(model, tokenizer, [name[len(LM_EVAL_PREFIX):] for name in names], limit=settings.limit,
+                      include_path=settings.include_path, data_dir=settings.data_dir,
+                      batch_size=settings.batch_size or 8, num_fewshot=settings.num_fewshot,
+                      progress=settings.progress)
+    return {LM_EVAL_PREFIX + leaf: figures for leaf, figures in found.items()}  # a group adds its subtasks
+
+
+# A new task is a loader, a scorer (or an existing one) and one entry here. The LM_EVAL_PREFIX
+# entry is a family: "lm-eval:NAME" is any task lm-eval knows (see `task_for`).
+TASKS: dict[str, Task] = {
+    "lambada": Task(_load_lambada, _score_lambada, dataset="lambada_openai", unit="passage",
+                    labels={"accuracy": "LAMBADA last-word accuracy", "perplexity": "LAMBADA last-word perplexity"}),
+    "lambada-last-token": Task(_load_lambada, _score_lambada, dataset="lambada_openai", unit="passage",
+                               labels={"accuracy": "LAMBADA last-token accuracy"}),
+    "wikitext2": Task(_load_wikitext2, _score_perplexity, dataset="wikitext-2-raw-v1 test", unit="window",
+                      labels={"perplexity": "WikiText-2 perplexity"}),
+    LM_EVAL_PREFIX: Task(_load_nothing, _score_lm_eval),
+}
+BUILTIN_TASKS = tuple(name for name in TASKS if name != LM_EVAL_PREFIX)  # a sweep's default
+
+
+def _own_tasks() -> list[str]:
+    return [name for name in TASKS if name != LM_EVAL_PREFIX]
+
+
+def task_for(name: str) -> Task | None:
+    """The table entry that runs task `name` ("lm-eval:NAME" -> the lm-eval family); None for a
+    preset or an unknown name."""
+    if name in TASKS and name != LM_EVAL_PREFIX:
+        return TASKS[name]
+    if name.startswith(LM_EVAL_PREFIX) and len(name) > len(LM_EVAL_PREFIX):
+        return TASKS[LM_EVAL_PREFIX]
+    return None
+
+
+def task_names() -> list[str]:
+    """The tasks a user picks from: the table's own, the presets and their members (any other
+    lm-eval task can be typed as lm-eval:NAME)."""
+    listed = _own_tasks()
+    for preset, members in PRESETS.items():
+        listed += [preset, *members]
+    return list(dict.fromkeys(listed))
+
+
+def dataset_name(task: str) -> str:
+    """What `task` is scored on, for summary tables ("lambada_openai"); the task's name when unknown."""
+    found = task_for(task)
+    return found.dataset if found is not None and found.dataset else task
+
+
+def windowed(task: str) -> bool:
+    """Whether `task`'s `limit` counts perplexity windows (a sweep sizes those by `ppl_windows`)."""
+    found = task_for(task)
+    return found is not None and found.unit == "window"
+
+
 def _task_progress(progress: Progress | None, position: int, count: int) -> Progress | None:
     """Map one task's 0..1 progress onto its share of the whole evaluation."""
     if progress is None:
@@ -531,21 +668,19 @@ def check_tasks(names: Sequence[str]) -> list[str]:
     """Validate task names; returns them with presets expanded (the preset's own name follows its
     members, for the mean). Our tasks, `lm-eval:<task>` (any lm-eval task, checked when it runs)
     and the `zero-shot` preset. Unknown names raise, listing close matches."""
-    from workbench.lmeval import PREFIX
-
     resolved: list[str] = []
     for raw in names:
         name = raw.strip()
         if name in PRESETS:
             members = list(PRESETS[name])
-        elif name in TASKS or (name.startswith(PREFIX) and len(name) > len(PREFIX)):
+        elif task_for(name) is not None:
             members = []
         else:
-            known = [*TASKS, *PRESETS]
+            known = [*_own_tasks(), *PRESETS]
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" (close: {', '.join(close)})" if close else ""
             raise ValueError(f"unknown task {name!r}{hint}: choose from {', '.join(known)}, or any lm-eval task "
-                             f"as {PREFIX}<name> (e.g. {PREFIX}{name or 'hellaswag'})")
+                             f"as {LM_EVAL_PREFIX}<name> (e.g. {LM_EVAL_PREFIX}{name or 'hellaswag'})")
         for task in [*members, name]:
             if task not in resolved:
                 resolved.append(task)
@@ -575,51 +710,29 @@ def evaluate(
     scores behind it ("items", "item_ids"), which `compare` pairs. `bos_per_window` puts a BOS
     token at the start of every perplexity window (see `perplexity`).
     """
-    from workbench.lmeval import PREFIX, run_tasks
-
     tasks = check_tasks(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    results = {}
-    lm_eval_names = [t[len(PREFIX):] for t in tasks if t.startswith(PREFIX)]
-    for position, task in enumerate(tasks):
-        step = _task_progress(progress, position, len(tasks))
-        if task in results:  # computed together with another task
+    settings = EvalSettings(limit=limit, data_dir=data_dir, batch_size=batch_size, seqlen=seqlen,
+                            bos_per_window=bos_per_window, include_path=include_path, num_fewshot=num_fewshot)
+    results: dict = {}
+    done: set[str] = set()
+    for position, name in enumerate(tasks):
+        if name in done:  # scored together with an earlier task
             continue
-        if task in PRESETS:
-            results[task] = _preset_mean(task, results)
-        elif task.startswith(PREFIX):
-            if any(name.startswith(PREFIX) for name in results):
-                continue  # a group's name: its tasks ran with the others
-            # all lm-eval tasks in one go: names and data are checked before any model work
-            found = run_tasks(model, tokenizer, lm_eval_names, limit=limit, include_path=include_path,
-                              data_dir=data_dir, batch_size=batch_size or 8, num_fewshot=num_fewshot,
-                              progress=step)
-            results.update({PREFIX + leaf: figures for leaf, figures in found.items()})
-        elif task in ("lambada", "lambada-last-token"):
-            both = {"lambada", "lambada-last-token"} <= set(tasks)
-            results.update(
-                _lambada(
-                    model,
-                    tokenizer,
-                    load_lambada(data_dir, limit),
-                    batch_size or 16,
-                    None,
-                    step,
-                    last_word=both or task == "lambada",
-                    last_token=both or task == "lambada-last-token",
-                )
-            )
+        if name in PRESETS:
+            results[name] = _preset_mean(name, results)
         else:
-            text = load_wikitext2_test(data_dir)
-            results[task] = perplexity(
-                model, tokenizer, text, seqlen=seqlen, batch_size=batch_size or 8, limit=limit, progress=step,
-                bos_per_window=bos_per_window,
-            )
-        if task in results:
-            log.info("%s: %s", task, {k: v for k, v in results[task].items() if k not in ("items", "item_ids")})
+            task = task_for(name)
+            together = [t for t in tasks if t not in done and (found := task_for(t)) is not None
+                        and (found.load, found.score) == (task.load, task.score)]
+            step = dataclasses.replace(settings, progress=_task_progress(progress, position, len(tasks)))
+            results.update(task.score(model, tokenizer, task.load(step), step, together))
+            done.update(together)
+        if name in results:
+            log.info("%s: %s", name, {k: v for k, v in results[name].items() if k not in ("items", "item_ids")})
     return results
 
 
@@ -640,9 +753,9 @@ def _flat_metrics(results: dict) -> dict[tuple[str, str], float]:
             for task, figures in results.items()
             if isinstance(figures, dict)
             for metric, value in figures.items()
-            if metric in _COMPARED_METRICS
+            if metric in METRIC_KEYS
         }
-    return {("", metric): value for metric, value in results.items() if metric in _COMPARED_METRICS}
+    return {("", metric): value for metric, value in results.items() if metric in METRIC_KEYS}
 
 
 def _same_items(a: dict, b: dict, task: str, strict: bool) -> bool:
@@ -684,7 +797,8 @@ def paired_differences(reference: dict, other: dict, strict: bool = False) -> di
 
 def metric_label(task: str, metric: str, figures: dict | None = None) -> str:
     """"WikiText-2 perplexity", "lm-eval:hellaswag accuracy"; a perplexity's window convention follows it."""
-    label = METRIC_LABELS.get((task, metric), f"{task} {metric}".strip())
+    found = task_for(task)
+    label = (found.labels if found is not None else {}).get(metric) or f"{task} {metric}".strip()
     convention = (figures or {}).get("convention")
     return f"{label} ({convention})" if metric == "perplexity" and convention else label
 
@@ -700,13 +814,11 @@ def compare(dense: dict, sparse: dict):
     interval, and whether the difference is significant (exact McNemar for accuracies, paired
     bootstrap for perplexity; identical scores never are).
     """
-    import pandas as pd
-
     dense_flat, sparse_flat = _flat_metrics(dense), _flat_metrics(sparse)
     nested = any(isinstance(v, dict) for v in dense.values())
     paired = paired_differences(dense, sparse) if nested else {}
     with_intervals = nested and any(f"{m}_ci" in f for f in dense.values() if isinstance(f, dict)
-                                    for m in _COMPARED_METRICS)
+                                    for m in METRIC_KEYS)
     rows = []
     for key, dense_value in dense_flat.items():
         if key not in sparse_flat:

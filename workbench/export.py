@@ -21,7 +21,6 @@ half-written export behind. The hub upload lives in `workbench.hub`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,10 +32,11 @@ from pathlib import Path
 
 from torch import nn
 
-from workbench import __version__
+from workbench import __version__, jsonio
 from workbench.compact import COMPACT_WEIGHTS, load_compact, save_compact, unique_tensors
 from workbench.hub import CARD_FILE, check_repo_id, push_to_hub
 from workbench.model_card import model_card
+from workbench.plots import sparsity_heatmap
 from workbench.recipe import RECIPE_FILE, make_recipe, source_info, write_recipe
 from workbench.saving import (
     MARKER,
@@ -224,27 +224,38 @@ def save_slimmed_format(model: nn.Module, result, folder: Path, tokenizer=None,
 # --- the export ---------------------------------------------------------------------------------
 
 
-def _zip_folder(folder: Path, zip_path: Path, arcroot: str) -> None:
-    # Weights and images hardly deflate; storing them keeps zipping as fast as copying.
+_ZIP_CHUNK_BYTES = 8 * 2**20
+
+
+def zip_message(done: int, total: int) -> str:
+    """'zipping 312 / 540 MB': what the zip step reports after each chunk."""
+    return f"zipping {done / 1e6:.0f} / {total / 1e6:.0f} MB"
+
+
+def _zip_folder(folder: Path, zip_path: Path, arcroot: str,
+                progress: Callable[[int, int], None] | None = None) -> None:
+    """Zip `folder`'s files under `arcroot/`; `progress(bytes done, bytes in all)` after every chunk
+    (an exception raised there stops the zip)."""
+    paths = sorted(_files(folder))
+    total, done = _bytes(paths), 0
     with zipfile.ZipFile(zip_path, "w", allowZip64=True) as archive:
-        for path in sorted(_files(folder)):
+        for path in paths:
+            info = zipfile.ZipInfo.from_file(path, f"{arcroot}/{path.relative_to(folder).as_posix()}")
+            # Weights and images hardly deflate; storing them keeps zipping as fast as copying.
             stored = path.suffix in (".safetensors", ".png", ".bin")
-            archive.write(path, f"{arcroot}/{path.relative_to(folder).as_posix()}",
-                          compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+            info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+            with path.open("rb") as source, archive.open(info, "w") as target:
+                while chunk := source.read(_ZIP_CHUNK_BYTES):
+                    target.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
 
 
 def _heatmap_figure(heatmap, table):
     if heatmap is not None:
         return heatmap
-    try:
-        from workbench.plots import sparsity_heatmap
-    except ImportError:
-        return None
     return sparsity_heatmap(table) if not table.empty else None
-
-
-def _evaluation_json(evaluation: dict | None) -> dict | None:
-    return json.loads(json.dumps(evaluation, default=str)) if evaluation else None
 
 
 def export_model(model: nn.Module, tokenizer, root: str | Path, name: str,
@@ -323,7 +334,7 @@ def export_model(model: nn.Module, tokenizer, root: str | Path, name: str,
                 with RENDER_LOCK:
                     figure.savefig(tmp / HEATMAP_FILE, format="png", dpi=100, bbox_inches="tight")
             if evaluation:
-                (tmp / "evaluation.json").write_text(json.dumps(_evaluation_json(evaluation), indent=2) + "\n",
+                (tmp / "evaluation.json").write_text(jsonio.dumps(evaluation, indent=2) + "\n",
                                                      encoding="utf-8")
             write_recipe(tmp / RECIPE_FILE, recipe)
             card = model_card(recipe, summary, table, evaluation, folders,
@@ -331,9 +342,15 @@ def export_model(model: nn.Module, tokenizer, root: str | Path, name: str,
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
 
             if zip_path is not None:
-                step((len(formats) + 1) / (len(formats) + 2), "zipping")
+                zip_start, zip_share = (len(formats) + 1) / (len(formats) + 2), 1 / (len(formats) + 2)
+                step(zip_start, "zipping")
                 tmp_zip = create_temp_file(zip_path)
-                _zip_folder(tmp, tmp_zip, name)
+
+                def zipped(done: int, total: int) -> None:
+                    if progress is not None:  # per chunk: to the caller only, not the log
+                        progress(zip_start + zip_share * done / max(total, 1), zip_message(done, total))
+
+                _zip_folder(tmp, tmp_zip, name, zipped)
         if tmp_zip is not None:
             try:
                 os.replace(tmp_zip, zip_path)

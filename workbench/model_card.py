@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 
@@ -56,6 +57,16 @@ def base_model_of(model_info: dict) -> str | None:
     if kind == "hub":
         return model_info.get("resolved") or model_info.get("source")
     return None
+
+
+def display_name(model_info: dict) -> str:
+    """The model's name for a title: its hub id, else the name of its folder or file. Never a local
+    path: it tells a reader nothing and shows where the exporter keeps files."""
+    base = base_model_of(model_info)
+    if base:
+        return base
+    source = re.split(r"[\\/]", str(model_info.get("source") or "").rstrip("/\\"))[-1]
+    return source or "model"
 
 
 def front_matter(recipe: dict, model_info: dict) -> str:
@@ -242,9 +253,8 @@ def model_card(recipe: dict, summary: dict, table: pd.DataFrame | None = None,
     calib = recipe.get("calibration") or {}
     versions = recipe.get("versions") or {}
     source = model_info.get("resolved") or model_info.get("source") or "an unnamed model"
-    base = base_model_of(model_info)
     lines = [front_matter(recipe, model_info), "",
-             f"# {title or 'Pruned ' + (base or str(model_info.get('source') or 'model'))}", ""]
+             f"# {title or 'Pruned ' + display_name(model_info)}", ""]
     if prune:
         sparsity = prune.get("sparsity")
         pattern = prune.get("pattern")

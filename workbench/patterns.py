@@ -124,9 +124,5 @@ def mask_from_scores(scores: torch.Tensor, pattern: Pattern, sparsity: float,
         return unstructured_mask(scores, sparsity, per_row=per_row)
     if pattern.kind == "nm":
         return nm_mask(scores, pattern.n, pattern.m)
-    raise PatternError(f"{pattern} is a structured pattern; use channel_mask or head_mask")
-
-
-def channel_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask over channels (1-D scores): the lowest floor(sparsity * n) channels go."""
-    return unstructured_mask(scores.reshape(1, -1), sparsity, per_row=True).reshape(-1)
+    raise PatternError(f"{pattern} is a structured pattern: it removes whole {pattern.kind}s, which "
+                       "`workbench.prune` plans per block for a structured method, not per weight matrix")

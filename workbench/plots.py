@@ -14,9 +14,12 @@ import threading
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from workbench.evaluate import metric_label
 from workbench.sparsity import by_block_and_kind
 
 # Matplotlib's text layout (its mathtext parser) is not thread-safe: a server drawing figures for
@@ -89,10 +92,14 @@ def error_heatmap(errors: pd.DataFrame, title: str | None = None) -> Figure:
                               "relative output error", ".3f", 0.0, None, "magma")
 
 
+KEPT_COLOUR, PRUNED_COLOUR = "#f2f2f2", "#222222"
+
+
 def mask_zoom(mask: torch.Tensor, rows: int = 64, cols: int = 64, row0: int = 0, col0: int = 0,
-              title: str | None = None) -> Figure:
-    """A crop of one layer's keep mask: kept weights light, pruned weights dark. Rows are output
-    features, columns input features, so 2:4 groups run along a row and channels are stripes."""
+              title: str | None = None, layer: str | None = None) -> Figure:
+    """A crop of one layer's keep mask: kept weights light, pruned weights dark, with a legend.
+    Rows are output features, columns input features, so 2:4 groups run along a row and channels
+    are stripes. `layer` names the layer in the title; the pruned share is the whole layer's."""
     if mask.dim() != 2:
         raise ValueError(f"a keep mask is 2-D (out, in); got shape {tuple(mask.shape)}")
     if rows < 1 or cols < 1:
@@ -101,15 +108,19 @@ def mask_zoom(mask: torch.Tensor, rows: int = 64, cols: int = 64, row0: int = 0,
     if not (0 <= row0 < out_f and 0 <= col0 < in_f):
         raise ValueError(f"crop origin ({row0}, {col0}) lies outside the {out_f} x {in_f} mask")
     crop = mask[row0:row0 + rows, col0:col0 + cols].detach().to("cpu", torch.float32).numpy()
-    fig = Figure(figsize=(5, 5 * crop.shape[0] / max(crop.shape[1], 1) + 0.6))
+    fig = Figure(figsize=(5, 5 * crop.shape[0] / max(crop.shape[1], 1) + 1.1))
     ax = fig.add_subplot()
-    ax.imshow(crop, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal",
-              extent=(col0 - 0.5, col0 + crop.shape[1] - 0.5, row0 + crop.shape[0] - 0.5, row0 - 0.5))
+    ax.imshow(crop, cmap=ListedColormap([PRUNED_COLOUR, KEPT_COLOUR]), vmin=0, vmax=1, interpolation="nearest",
+              aspect="equal", extent=(col0 - 0.5, col0 + crop.shape[1] - 0.5, row0 + crop.shape[0] - 0.5, row0 - 0.5))
     ax.set_xlabel("input feature")
     ax.set_ylabel("output feature")
-    kept = crop.mean() if crop.size else 0.0
-    ax.set_title(title or f"keep mask [{row0}:{row0 + crop.shape[0]}, {col0}:{col0 + crop.shape[1]}]"
-                 f" - {1 - kept:.0%} pruned")
+    pruned = 1.0 - float(mask.float().mean()) if mask.numel() else 0.0
+    where = f"rows {row0}-{row0 + crop.shape[0] - 1}, columns {col0}-{col0 + crop.shape[1] - 1} of {out_f} x {in_f}"
+    ax.set_title(title or f"{layer or 'keep mask'}\n{where}; {pruned:.1%} of the layer pruned", fontsize=9)
+    legend = ax.legend(handles=[Patch(facecolor=KEPT_COLOUR, edgecolor="black", label="kept"),
+                                Patch(facecolor=PRUNED_COLOUR, edgecolor="black", label="pruned")],
+                       loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False, fontsize=9)
+    legend.set_gid("mask-legend")
     fig.tight_layout()
     return fig
 
@@ -129,8 +140,32 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _metric_label(column: str) -> str:
+    """"lambada/accuracy" -> "LAMBADA last-word accuracy" (the evaluation's own words)."""
+    task, _, metric = str(column).rpartition("/")
+    return metric_label(task, metric)
+
+
+def _fixed_y_range(results: pd.DataFrame, metric: str, dense: dict, log: bool) -> tuple[float, float]:
+    """An axis that holds still while a sweep's points arrive: anchored on the dense figure (known
+    first) and widened only by a point (or interval) beyond it. Accuracy runs from 0 up; perplexity
+    from below dense to at least ten times dense."""
+    values = [v for c in (metric, f"{metric}_lo", f"{metric}_hi") if c in results
+              for v in pd.to_numeric(results[c], errors="coerce").tolist() if _finite(v)]
+    values += [v for v in (dense.get(metric), dense.get(f"{metric}_lo"), dense.get(f"{metric}_hi")) if _finite(v)]
+    if not values:
+        return (0.0, 1.0) if not log else (1.0, 10.0)
+    reference = dense.get(metric) if _finite(dense.get(metric)) else values[0]
+    if log:  # whole decades above dense, so the top moves only when a point crosses one
+        decades = max(1, math.ceil(math.log10(max(max(values), reference) / max(reference, 1e-12)) - 1e-9))
+        return max(min(values + [reference]) / 1.25, 1e-3), reference * 10 ** decades * 1.3
+    top = math.ceil(max(values) * 1.1 * 10) / 10  # in steps of 0.1
+    return 0.0, min(top, 1.0) if max(values) <= 1.0 else top
+
+
 def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
-                   x: str = "sparsity_blocks", title: str | None = None, bands: bool = True) -> Figure:
+                   x: str = "sparsity_blocks", title: str | None = None, bands: bool = True,
+                   x_range: tuple[float, float] = (0.0, 1.0)) -> Figure:
     """Metric vs measured sparsity: one line per method/pattern/allocation, dense as a dashed
     horizontal reference. One panel per accuracy metric, then one per perplexity (log scale).
 
@@ -140,6 +175,8 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
 
     `results` is `run_sweep`'s table; its `method == "dense"` row is the reference unless `dense`
     ({"task/metric": value}) is given. Each point is labelled with its measured sparsity.
+    The axes are fixed (`x_range`, y anchored on dense), so a table growing point by point
+    redraws without re-zooming; metrics are named in words.
     """
     accuracy, perplexity = _metric_columns(results)
     metrics = accuracy + perplexity
@@ -169,6 +206,11 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
                                            color=line.get_color(), alpha=0.18, linewidth=0)
                     band.set_gid("interval-band")
                     banded = True
+                    # each point's own interval as a bar, the band joins them
+                    bars = ax.errorbar(shown[x], shown[metric], yerr=[shown[metric] - shown[f"{metric}_lo"],
+                                                                      shown[f"{metric}_hi"] - shown[metric]],
+                                       fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=3)
+                    bars[2][0].set_gid("interval-bar")
             if f"{metric}_significant" in group.columns:  # hollow markers: not told apart from dense
                 unresolved = group[group[f"{metric}_significant"].astype(str) == "False"]
                 ax.plot(unresolved[x], unresolved[metric], linestyle="none", marker="o", markersize=9,
@@ -186,17 +228,22 @@ def accuracy_curve(results: pd.DataFrame, dense: dict | None = None,
                 banded = True
         if metric in perplexity:
             ax.set_yscale("log")
+        ax.set_xlim(*x_range)
+        ax.set_ylim(*_fixed_y_range(results, metric, dense, metric in perplexity))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.0%}"))
+        if metric in perplexity:
             plain = FuncFormatter(lambda value, _pos: f"{value:g}")
             ax.yaxis.set_major_formatter(plain)
             low, high = ax.get_ylim()
             # minor labels only help inside one decade; across several they pile up
             ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-12) < 10 else NullFormatter())
         ax.set_xlabel("measured sparsity" + (" (decoder blocks)" if x == "sparsity_blocks" else ""))
-        ax.set_ylabel(metric)
-        ax.set_title(metric + ("\nshaded: 95% interval; hollow: not significantly different from dense"
-                               if banded else ""), fontsize=10 if banded else None)
+        label = _metric_label(metric)
+        ax.set_ylabel(label)
+        ax.set_title(label + ("\nbars and shading: 95% interval; hollow: not told apart from dense"
+                              if banded else ""), fontsize=10 if banded else 11)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left" if metric in accuracy else "upper left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -231,5 +278,47 @@ def sensitivity_heatmap(frame: pd.DataFrame, columns: list[str] | None = None,
                 text = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6.5, rotation=90)
     ax.set_title(title or "Per-block sensitivity and allocation (colour scaled per row)")
+    fig.tight_layout()
+    return fig
+
+
+def compare_plot(view: pd.DataFrame, title: str | None = None) -> Figure:
+    """Stored runs against each other (`report.compare_view`): one panel per metric, each run's
+    points by measured sparsity (a sweep's points joined by method), dense as a hollow marker."""
+    metrics = [c for c in view.columns if c not in ("run", "point", "sparsity")]
+    if view.empty or not metrics:
+        raise ValueError("no metrics to draw: the chosen runs hold no accuracy or perplexity figures")
+    fig = Figure(figsize=(1.0 + 4.6 * min(len(metrics), 3), 3.8 * math.ceil(len(metrics) / 3)))
+    axes = fig.subplots(math.ceil(len(metrics) / 3), min(len(metrics), 3), squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics):
+        shown = view.dropna(subset=[metric])
+        for (run, point), group in shown.groupby(["run", "point"], sort=False):
+            group = group.sort_values("sparsity")
+            if point == "dense":
+                ax.plot(group["sparsity"], group[metric], marker="o", linestyle="none", markerfacecolor="white",
+                        color="black", label=f"{run}: dense", gid="run-point")
+                continue
+            dense = shown[(shown["run"] == run) & (shown["point"] == "dense")]
+            line = pd.concat([dense, group])  # each line starts at its run's dense figure
+            ax.plot(line["sparsity"], line[metric], marker="o", markevery=list(range(len(dense), len(line))),
+                    label=f"{run}: {point}", gid="run-point")
+        if "perplexity" in metric.lower():
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()  # minor labels only inside one decade, where no major one shows
+            ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-12) < 10 else NullFormatter())
+        else:
+            ax.set_ylim(bottom=0.0)
+        ax.set_xlim(-0.02, 1.0)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.0%}"))
+        ax.set_xlabel("measured sparsity")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

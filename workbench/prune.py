@@ -25,26 +25,22 @@ from tqdm.auto import tqdm
 from workbench import distributed, guards
 from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, weight_of
 from workbench.devices import place_activations
-from workbench.methods import METHODS, STATS_NEEDED
-from workbench.methods.retrain_free import (
+from workbench.flops import flops_budget_to_sparsity, lm_head_params
+from workbench.jsonio import dataclass_from
+from workbench.methods import METHODS, Method, method_record, structured_methods
+from workbench.methods.unit_plan import (
     ALLOCATIONS,
-    STRUCTURED_METHODS,
-    Structure,
     StructuredPlan,
     plan_structured,
     resolve_allocation,
 )
-from workbench.methods.retrain_free import check_scope as check_structured_scope
+from workbench.methods.unit_plan import check_scope as check_structured_scope
 from workbench.patterns import Pattern, PatternError, check_divides, check_sparsity, parse_pattern
+from workbench.progress import Progress
+from workbench.solve_groups import solve_by_input
 from workbench.sparsity import sparsity_summary, sparsity_table
 from workbench.stats import InputStats
-from workbench.structured import (
-    UNIT_NOUNS,
-    BlockGeometry,
-    flops_budget_to_sparsity,
-    lm_head_params,
-    model_geometry,
-)
+from workbench.structured import UNIT_NOUNS, BlockGeometry, Structure, model_geometry
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +73,11 @@ class PruneConfig:
     record_error: bool | None = None
     # Structured patterns (channel/head) only; see workbench.methods.retrain_free.
     mask_tuning: bool | None = None  # least-squares refit of down/o; None: on for retrain-free
-    allocation: str = "auto"  # auto | global (Fisher, across blocks) | uniform (same per block)
+    # how the units to remove spread over blocks: auto | global (ranked across blocks) | uniform
+    # (the same count per block); distinct from a sweep's per-block sparsity rule (SweepConfig.allocation)
+    unit_allocation: str = "auto"
     # units | flops (structured only: sparsity is then the fraction of the dense model's forward
-    # FLOPs per token, at `seqlen`, to remove; see workbench.structured.flops_budget_to_sparsity)
+    # FLOPs per token, at `seqlen`, to remove; see workbench.flops.flops_budget_to_sparsity)
     budget: str = "units"
     # auto | none | disk: onload blocks one at a time from the checkpoint on disk (out of core);
     # 'auto' decides from the memory estimate (workbench.memory). Acts where a model is loaded
@@ -88,9 +86,7 @@ class PruneConfig:
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Errors name the problem and the fix."""
-        if self.method not in METHODS and self.method not in STRUCTURED_METHODS:
-            known = sorted(set(METHODS) | set(STRUCTURED_METHODS))
-            raise ValueError(f"unknown method {self.method!r}: choose one of {known}")
+        record = method_record(self.method)  # unknown names: the error lists the known ones
         pattern = parse_pattern(self.pattern)
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}: choose one of {BUDGETS} ('units': "
@@ -105,15 +101,15 @@ class PruneConfig:
                              "one model-wide FLOPs fraction: drop block_sparsity or use budget "
                              "'units'")
         if pattern.structured:
-            if self.method not in STRUCTURED_METHODS:
-                raise PatternError(f"{pattern} pruning works with methods {STRUCTURED_METHODS}; "
+            if not record.structured:
+                raise PatternError(f"{pattern} pruning works with methods {tuple(structured_methods())}; "
                                    f"{self.method} prunes element-wise patterns")
             check_structured_scope(pattern.kind, self.scope)
-            if self.allocation not in ALLOCATIONS:
-                raise ValueError(f"unknown allocation {self.allocation!r}: choose one of "
+            if self.unit_allocation not in ALLOCATIONS:
+                raise ValueError(f"unknown unit_allocation {self.unit_allocation!r}: choose one of "
                                  f"{ALLOCATIONS}")
-            resolve_allocation(self.method, self.allocation)
-        elif self.method not in METHODS:
+            resolve_allocation(self.method, self.unit_allocation)
+        elif not record.elementwise:
             raise PatternError(f"{self.method} removes whole MLP channels or attention heads: use "
                                "pattern 'channel' (scope 'mlp') or 'head' (scope 'attention')")
         check_sparsity(self.sparsity)
@@ -137,38 +133,53 @@ class PruneConfig:
         return pattern
 
     @property
+    def method_record(self) -> Method:
+        """The record of `method` (`workbench.methods.Method`); ValueError for an unknown name."""
+        return method_record(self.method)
+
+    # The properties below also answer before validate(): an unknown method counts as reading
+    # everything, an unparsable pattern as element-wise (validate() names the problem).
+
+    @property
+    def tunes_masks(self) -> bool:
+        """Whether a channel/head prune refits down / o (mask_tuning, or the method's default): the
+        driver then collects X^T X whatever the method reads."""
+        record = METHODS.get(self.method)
+        try:
+            structured = parse_pattern(self.pattern).structured
+        except PatternError:
+            return False
+        if record is None or not structured:
+            return False
+        return record.mask_tuning_default if self.mask_tuning is None else bool(self.mask_tuning)
+
+    @property
     def reports_error(self) -> bool:
         """Whether the layer output errors are measured (record_error, or its default)."""
         if self.record_error is not None:
             return bool(self.record_error)
-        return self.method not in METHODS or STATS_NEEDED.get(self.method) is not None
+        record = METHODS.get(self.method)
+        return record is None or record.needs_calibration
 
     @property
     def collects_gram(self) -> bool:
-        """Whether the statistics pass accumulates X^T X (element-wise methods; structured plans decide
-        their own needs in the driver)."""
-        return STATS_NEEDED.get(self.method, "gram") == "gram" or self.reports_error
+        """Whether the statistics pass accumulates X^T X."""
+        record = METHODS.get(self.method)
+        return record is None or record.stats == "gram" or self.tunes_masks or self.reports_error
 
     @property
     def uses_calibration(self) -> bool:
         """Whether pruning with this config reads calibration data at all."""
-        return self.reports_error or self.method not in METHODS or STATS_NEEDED[self.method] is not None
-
-    @property
-    def effective_sparsity(self) -> float:
-        fixed = parse_pattern(self.pattern).fixed_sparsity
-        return self.sparsity if fixed is None else fixed
+        record = METHODS.get(self.method)
+        return record is None or record.needs_calibration or self.tunes_masks or self.reports_error
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown PruneConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        """A config from `to_dict()`; recipes and runs written before the rename say "allocation"."""
+        return dataclass_from(cls, data, renamed={"allocation": "unit_allocation"})
 
 
 @dataclass
@@ -264,10 +275,12 @@ class _PassThrough(tuple):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tensor,
-                         batch_size: int) -> tuple[list[torch.Tensor], BlockArgs]:
+def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tensor, batch_size: int,
+                         should_stop: Callable[[], bool] | None = None, attention_mask: torch.Tensor | None = None
+                         ) -> tuple[list[torch.Tensor], BlockArgs]:
     """Hidden states that block 0 receives, per calibration micro-batch, and the keyword
-    arguments of every block kind.
+    arguments of every block kind. `should_stop()` is polled before each micro-batch and raises
+    PruneCancelled (a time budget ends here too, not only between blocks).
 
     The blocks' forwards are replaced by pass-throughs for the capture, so no block computes
     (their weights may not even be loaded): each records its keyword arguments if it is the first
@@ -301,8 +314,12 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout, ids: torch.Tenso
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     try:
         for start in range(0, ids.shape[0], batch_size):
+            if should_stop is not None and should_stop():
+                raise PruneCancelled(f"stopped while capturing the calibration inputs (window {start} "
+                                     f"of {ids.shape[0]}); nothing is pruned")
             try:
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+                mask = attention_mask[start:start + batch_size].to(device) if attention_mask is not None else None
+                model(input_ids=ids[start:start + batch_size].to(device), attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -464,18 +481,19 @@ def _calibration_ids(config: PruneConfig, calibration, tokenizer) -> tuple[torch
 
 def _block0_inputs(model: nn.Module, layout: ModelLayout, config: PruneConfig, calibration,
                    tokenizer, cache: CalibrationCache | None,
-                   progress: Callable[[int, int, str], None] | None = None):
+                   progress: Progress | None = None,
+                   should_stop: Callable[[], bool] | None = None):
     """Block 0's calibration inputs, taken from `cache` when it holds them, stored there if not."""
     if cache is not None and cache.block_inputs is not None and cache.batch_size == config.batch_size:
         inputs, kwargs = cache.block_inputs
         return list(inputs), kwargs, dict(cache.info)
     if progress is not None:
-        progress(0, layout.num_blocks, "loading calibration")
+        progress(0.0, "loading calibration")
     ids, info = _calibration_ids(config, calibration, tokenizer)
     if progress is not None:
-        progress(0, layout.num_blocks, f"capturing block inputs ({ids.shape[0]} x {ids.shape[1]} tokens)")
+        progress(0.0, f"capturing block inputs ({ids.shape[0]} x {ids.shape[1]} tokens)")
     ids = distributed.local_windows(ids)  # under a process group: this rank's share only
-    inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size)
+    inputs, kwargs = capture_block_inputs(model, layout, ids, config.batch_size, should_stop=should_stop)
     if cache is not None:
         cache.block_inputs, cache.batch_size, cache.info = (list(inputs), kwargs), \
             config.batch_size, dict(info)
@@ -485,7 +503,7 @@ def _block0_inputs(model: nn.Module, layout: ModelLayout, config: PruneConfig, c
 @torch.no_grad()
 def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
                         cache: CalibrationCache | None = None, gram: bool = True,
-                        progress: Callable[[int, int, str], None] | None = None,
+                        progress: Progress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> CalibrationCache:
     """Input statistics of every linear in `config`'s scope, measured on the (dense) model as it
     is: one forward per block, whose output is the next block's input. Nothing is pruned.
@@ -495,7 +513,8 @@ def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None,
     cache = cache if cache is not None else CalibrationCache()
     was_training = model.training
     model.eval()
-    inputs, kwargs, _ = _block0_inputs(model, layout, config, calibration, tokenizer, cache)
+    inputs, kwargs, _ = _block0_inputs(model, layout, config, calibration, tokenizer, cache,
+                                       should_stop=should_stop)
     collected: dict[str, InputStats] = {}
     try:
         for block in layout.blocks:
@@ -513,8 +532,7 @@ def collect_dense_stats(model: nn.Module, config: PruneConfig, calibration=None,
             distributed.all_reduce_stats(stats)
             collected.update(stats)
             if progress is not None:
-                progress(block.index + 1, layout.num_blocks, f"statistics {block.index + 1}/"
-                         f"{layout.num_blocks}")
+                progress((block.index + 1) / layout.num_blocks, f"statistics {block.index + 1}/{layout.num_blocks}")
     finally:
         model.train(was_training)
     cache.dense_stats, cache.gram = collected, gram
@@ -527,7 +545,7 @@ def _unit_sparsity(model: nn.Module, layout: ModelLayout, config: PruneConfig,
     'flops' the fraction that removes at least that share of the forward FLOPs per token."""
     if config.budget != "flops":
         return config.sparsity
-    allocation = resolve_allocation(config.method, config.allocation)
+    allocation = resolve_allocation(config.method, config.unit_allocation)
     sparsity = flops_budget_to_sparsity(geometries, layout, config.sparsity, config.seqlen,
                                         lm_head_params=lm_head_params(model),
                                         allocation=allocation)
@@ -539,8 +557,9 @@ def _unit_sparsity(model: nn.Module, layout: ModelLayout, config: PruneConfig,
 
 def _structured_plan(model: nn.Module, layout: ModelLayout, config: PruneConfig,
                      pattern: Pattern, calibration, tokenizer) -> tuple[StructuredPlan, float]:
-    """Channel/head choices (for retrain-free: the Fisher pre-pass over the full model) and the
-    unit fraction they remove; blocks with a linear matched by `exclude` stay dense."""
+    """Channel/head choices (for a method with gradients, e.g. retrain-free: its pre-pass over the
+    full model) and the unit fraction they remove; blocks with a linear matched by `exclude` stay
+    dense."""
     geometries = model_geometry(layout, pattern.kind)
     skip = set()
     if config.exclude:
@@ -549,13 +568,14 @@ def _structured_plan(model: nn.Module, layout: ModelLayout, config: PruneConfig,
                 skip.add(geometry.block)
     sparsity = _unit_sparsity(model, layout, config,
                               [g for g in geometries if g.block not in skip])
-    ids = None
-    if config.method == "retrain-free":
-        ids, _ = _calibration_ids(config, calibration, tokenizer)
+    ids, info = None, {}
+    if config.method_record.needs_gradients:
+        ids, info = _calibration_ids(config, calibration, tokenizer)
     plan = plan_structured(model, layout, pattern.kind, config.method, sparsity, ids,
-                           allocation=config.allocation, block_sparsity=config.block_sparsity,
+                           allocation=config.unit_allocation, block_sparsity=config.block_sparsity,
                            mask_tuning=config.mask_tuning, percdamp=config.percdamp,
                            batch_size=config.batch_size, skip_blocks=skip, geometries=geometries)
+    plan.calibration = info  # recorded even when the layer-wise pass reads no data
     return plan, sparsity
 
 
@@ -575,17 +595,6 @@ def _block_target(config: PruneConfig, index: int, unit_sparsity: float | None =
     if config.block_sparsity is not None:
         return config.block_sparsity[index]
     return config.sparsity if unit_sparsity is None else unit_sparsity
-
-
-def _solve_one_by_one(method, linears: list[LinearInfo], stats: dict, pattern: Pattern, target: float,
-                      config: PruneConfig):
-    """(linear, dense fp32 weight, new weight, keep mask) per layer, each computed only when the
-    caller asks for it, so only one layer's solve is alive at a time."""
-    for lin in linears:
-        dense = weight_of(lin.module).to(torch.float32, copy=True).contiguous()
-        new_weight, keep = method(dense, stats.get(lin.full_name), pattern, target,
-                                  blocksize=config.blocksize, percdamp=config.percdamp)
-        yield lin, dense, new_weight, keep
 
 
 def _progress_message(done_here: int, left: int, done: int, total: int, seconds: float) -> str:
@@ -620,14 +629,14 @@ def _unchanged_result(model: nn.Module, layout: ModelLayout, config: PruneConfig
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=None,
-          progress: Callable[[int, int, str], None] | None = None,
+          progress: Progress | None = None,
           should_stop: Callable[[], bool] | None = None,
           cache: CalibrationCache | None = None, blocks: InMemoryBlocks | None = None) -> PruneResult:
     """Prune `model` in place as `config` says and return what was done.
 
     `calibration`: token ids (nsamples, seqlen), a `workbench.data.CalibrationData`, or None to
-    load `config.calibration` with `tokenizer`. `progress(done, total, message)` is called after
-    each block; `should_stop()` is polled between blocks and raises PruneCancelled.
+    load `config.calibration` with `tokenizer`. `progress(fraction, message)` is called after
+    each block (fraction: blocks done / blocks); `should_stop()` is polled between blocks and raises PruneCancelled.
     `cache` (a `CalibrationCache`) reuses block 0's inputs across calls, and when it holds dense
     statistics (`collect_dense_stats`) uses them instead of re-running the blocks.
     `blocks` says where blocks come from and go to (default: in memory; see workbench.offload
@@ -649,13 +658,13 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
         return _unchanged_result(model, layout, config, scoped)
 
     distributed.check_supported(config.method, out_of_core=not isinstance(blocks, InMemoryBlocks))
-    method = METHODS.get(config.method)
-    needed = STATS_NEEDED.get(config.method)
+    method = config.method_record.prune  # element-wise form; structured patterns use a plan
+    needed = config.method_record.stats
     start_time = time.perf_counter()
     plan = None
     unit_sparsity = None  # structured patterns: the unit fraction every block's target uses
     if pattern.structured:
-        if config.method == "retrain-free" and calibration is None:
+        if config.method_record.needs_gradients and calibration is None:
             from workbench.data import load_calibration
 
             if tokenizer is None:
@@ -674,7 +683,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
     was_training = model.training
     model.eval()
     inputs = kwargs = None
-    calib_info: dict = {}
+    calib_info: dict = dict(plan.calibration) if plan is not None else {}
     dense_stats = cache.dense_stats if cache is not None and uses_data else None
     if dense_stats is not None:
         if gram and not cache.gram:
@@ -688,7 +697,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
         calib_info = dict(cache.info)
     elif uses_data:
         inputs, kwargs, calib_info = _block0_inputs(model, layout, config, calibration, tokenizer,
-                                                    cache, progress)
+                                                    cache, progress, should_stop)
         inputs = place_activations(inputs, device)  # CUDA: on the GPU if they fit, else pinned
         if needed == "gram" and plan is None:
             _warn_if_few_tokens(config, distributed.total(sum(x.shape[:-1].numel() for x in inputs)),
@@ -710,7 +719,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                 raise PruneCancelled(f"stopped before block {block.index}; blocks before it are "
                                      "pruned, the rest are dense")
             if progress is not None and block.index == blocks.first_block:
-                progress(block.index, layout.num_blocks, f"block {block.index + 1}/{layout.num_blocks}, "
+                progress(block.index / layout.num_blocks, f"block {block.index + 1}/{layout.num_blocks}, "
                          "time left known after this block")
             t0 = time.perf_counter()
             blocks.fetch(block, device)
@@ -726,14 +735,17 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                 distributed.all_reduce_stats(stats)  # no-op outside a process group
             t1 = time.perf_counter()
             target = _block_target(config, block.index, unit_sparsity)
+            measured: dict[str, float] = {}  # output errors a solve measured itself, by layer
             if plan is not None:
                 decided = plan.solve_block(block.index, stats, target) if linears else []
                 # every rank decided the same from the same statistics; rank 0's copy is the one kept
                 distributed.broadcast_weights([t for item in decided for t in item[2:]])
             elif not distributed.current().active:
-                # one layer at a time: a 7B block's dense copies and solved weights all alive at
-                # once would double its working memory
-                decided = _solve_one_by_one(method, linears, stats, pattern, target, config)
+                # one input group at a time (q/k/v, gate/up stacked where the method can, else
+                # one layer): a 7B block's dense copies and solved weights all alive at once
+                # would double its working memory
+                decided = solve_by_input(method, linears, stats, pattern, target, config.blocksize,
+                                         config.percdamp, measured if config.reports_error else None)
             else:
                 denses = [weight_of(lin.module).to(torch.float32, copy=True).contiguous()
                           for lin in linears]
@@ -747,8 +759,10 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                 weight = weight_of(lin.module)
                 # the mask is the contract, whatever the method did (unit masks are built on CPU)
                 new_weight = new_weight * keep.to(new_weight.device)
-                error = stats[lin.full_name].relative_error(dense, new_weight) \
+                error = measured.pop(lin.full_name) if lin.full_name in measured else \
+                    stats[lin.full_name].relative_error(dense, new_weight) \
                     if config.reports_error and lin.full_name in stats else float("nan")
+                stats.pop(lin.full_name, None)  # statistics (and SparseGPT's factor) freed once used
                 weight.copy_(new_weight.to(weight.dtype))
                 if blocks.keeps_masks:
                     masks[lin.full_name] = keep.cpu()
@@ -766,12 +780,12 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
             del stats
             timings.append({"block": block.index, "stats_s": t1 - t_fetched, "solve_s": t2 - t1,
                             "rerun_s": t3 - t2, "io_s": t_fetched - t0})
-            blocks.put(block, inputs, {"errors": errors, "timings": timings})
+            blocks.put(block, inputs, {"errors": errors, "timings": timings, "plan": plan})
             timings[-1]["io_s"] += time.perf_counter() - t3
             log.info("block %d: stats %.2fs, solve %.2fs, re-run %.2fs", block.index,
                      t1 - t_fetched, t2 - t1, t3 - t2)
             if progress is not None:
-                progress(block.index + 1, layout.num_blocks,
+                progress((block.index + 1) / layout.num_blocks,
                          _progress_message(block.index + 1 - blocks.first_block, layout.num_blocks
                                            - block.index - 1, block.index + 1, layout.num_blocks,
                                            time.perf_counter() - loop_start))

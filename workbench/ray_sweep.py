@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from workbench.data import load_calibration
 from workbench.models import load_model
+from workbench.progress import Progress
 from workbench.prune import PruneCancelled
 from workbench.runs import open_run
 from workbench.sweep import (
@@ -221,7 +222,7 @@ def _slots(ray, resources: TaskResources) -> int:
 def run_ray_sweep(source: str, config: SweepConfig, run_dir: str | Path | None = None, *,
                   dtype: str = "fp32", revision: str | None = None, trust_remote_code: bool = False,
                   data_dir: str | Path | None = None,
-                  progress: Callable[[int, int, str], None] | None = None,
+                  progress: Progress | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   on_point: Callable[[dict], None] | None = None,
                   model_name: str | None = None, max_retries: int = 2,
@@ -249,7 +250,7 @@ def run_ray_sweep(source: str, config: SweepConfig, run_dir: str | Path | None =
     def finish(key: str, row: dict, fresh: bool) -> None:
         keep_point(run, rows, on_point, key, row, fresh)
         if progress is not None:
-            progress(len(rows) + len(failed), total, f"{key} ({status()})")
+            progress((len(rows) + len(failed)) / total, f"{key} ({status()})")
 
     def fail(key: str, error: str) -> None:
         failed[key] = error
@@ -257,7 +258,7 @@ def run_ray_sweep(source: str, config: SweepConfig, run_dir: str | Path | None =
         if run is not None:
             run.log(f"point {key} failed: {error}")
         if progress is not None:
-            progress(len(rows) + len(failed), total, f"{key} failed ({status()})")
+            progress((len(rows) + len(failed)) / total, f"{key} failed ({status()})")
 
     # Points are paired item by item with dense, so a point that arrives before the dense row
     # waits for it (the dense task is submitted first and is the cheapest).

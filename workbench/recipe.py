@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.metadata as md
 import json
 import logging
-import platform
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +27,15 @@ import torch
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
+from workbench.jsonio import dumps, plain
+from workbench.progress import Progress
+from workbench.versions import library_versions
 
 log = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "prune-workbench-recipe"
 RECIPE_VERSION = 1
 RECIPE_FILE = "recipe.json"
-_VERSIONED = ("torch", "transformers", "datasets", "safetensors", "numpy", "compressed-tensors")
 _MODEL_FIELDS = ("source", "kind", "resolved", "revision", "dtype")
 _SUMMARY_FIELDS = ("mlp", "attention", "blocks", "matmul", "parameters", "by_kind")
 
@@ -47,16 +46,6 @@ class RecipeError(WorkbenchError):
 
 def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "workbench": __version__}
-    for name in _VERSIONED:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
 
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:
@@ -86,16 +75,6 @@ def source_info(source) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    return value
-
-
 def make_recipe(result=None, source=None, config=None, created: str | None = None) -> dict:
     """The recipe of a prune: from its PruneResult (config, calibration, masks), or just a config."""
     config = config if config is not None else getattr(result, "config", None)
@@ -113,7 +92,7 @@ def make_recipe(result=None, source=None, config=None, created: str | None = Non
     if result is not None:
         summary = getattr(result, "summary", {}) or {}
         recipe["result"] = {
-            "sparsity": {k: _plain(summary[k]) for k in _SUMMARY_FIELDS if k in summary},
+            "sparsity": {k: plain(summary[k]) for k in _SUMMARY_FIELDS if k in summary},
             "seconds": float(getattr(result, "seconds", 0.0) or 0.0),
             "masks": len(result.masks),
             "masks_sha256": masks_digest(result.masks),
@@ -123,7 +102,7 @@ def make_recipe(result=None, source=None, config=None, created: str | None = Non
 
 def write_recipe(path: str | Path, recipe: dict) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(_plain(recipe), indent=2) + "\n", encoding="utf-8")
+    path.write_text(dumps(recipe, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -195,8 +174,9 @@ def check_calibration(recipe: Recipe, calibration) -> None:
 
 def reproduce(recipe: Recipe | str | Path | dict, model=None, tokenizer=None,
               data_dir: str | Path | None = None, device: str | None = None,
-              progress: Callable[[int, int, str], None] | None = None):
+              progress: Progress | None = None):
     """Prune again as the recipe says. Returns (model, tokenizer, PruneResult).
+    `progress(fraction, message)` follows the prune (see `workbench.prune.prune`).
 
     Without `model`, the model is loaded from the recipe's source (same dtype and revision).
     """
@@ -221,7 +201,8 @@ def reproduce(recipe: Recipe | str | Path | dict, model=None, tokenizer=None,
     if calib and calib.get("source") == "tensor":
         raise RecipeError("the recipe was calibrated on raw token ids passed in code; they are not "
                           "recorded, so prune with the same ids through the Python API")
-    if config.uses_calibration:  # structured methods (retrain-free) too: they are not in STATS_NEEDED
+    # every method that reads data (gradients, statistics, mask tuning), so the recorded text is checked
+    if config.uses_calibration:
         if tokenizer is None:
             raise RecipeError("reproducing needs the model's tokenizer to read calibration text")
         from workbench.data import load_calibration

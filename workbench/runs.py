@@ -17,9 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import os
-import platform
 import re
 import traceback
 import uuid
@@ -28,8 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from workbench import jsonio
 from workbench.errors import WorkbenchError
 from workbench.saving import clean_stale, create_temp_file, unwritable, write_marker
+from workbench.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +50,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "datasets", "numpy", "pandas", "matplotlib"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _jsonable(obj):
-    """Plain JSON types; NaN and infinities become null (JSON has no spelling for them)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()  # numpy / torch scalars
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
-
-
 def _atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename the temporary file over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +63,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
+    text = jsonio.dumps(obj, indent=2)
     _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
 
 
@@ -210,7 +181,7 @@ def open_run(path: str | Path, kind: str, config: dict, resume: bool = True) -> 
     """The run at exactly `path`: created if absent, resumed (status back to running) if it holds a
     run of the same kind and config. A different config there is an error, never overwritten."""
     path = Path(path)
-    config = _jsonable(config)
+    config = jsonio.plain(config)
     if (path / RUN_FILE).is_file():
         run = load_run(path)
         if not resume:

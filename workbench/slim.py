@@ -27,9 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from workbench.arch import ModelLayout, describe, weight_of
-from workbench.methods.retrain_free import Structure
 from workbench.saving import save_folder
-from workbench.structured import BlockGeometry, StructureError, apply_unit_mask, model_geometry
+from workbench.structured import BlockGeometry, Structure, StructureError, apply_unit_mask, model_geometry
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +79,32 @@ def _parameter_count(model: nn.Module) -> int:
 def final_sizes(structure: Structure, round_to: int | None = None,
                 uniform: bool = False) -> list[int]:
     """Kept units per block after rounding up to a multiple of `round_to` and/or padding."""
-    sizes = [len(k) for k in structure.kept]
-    if round_to:
-        if round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {round_to}")
-        sizes = [min(math.ceil(s / round_to) * round_to, n)
-                 for s, n in zip(sizes, structure.num_units)]
+    sizes = [rounded_size(len(k), n, round_to) for k, n in zip(structure.kept, structure.num_units)]
     if uniform:
         sizes = [max(sizes)] * len(sizes)
     return sizes
 
 
-def _padded_keep(structure: Structure, block: int, size: int) -> torch.Tensor:
-    keep = structure.keep_mask(block)
+def rounded_size(kept: int, units: int, round_to: int | None) -> int:
+    """`kept` rounded up to a multiple of `round_to` (at most `units`)."""
+    if not round_to:
+        return kept
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to}")
+    return min(math.ceil(kept / round_to) * round_to, units)
+
+
+def pad_keep(keep: torch.Tensor, size: int) -> torch.Tensor:
+    """`keep` with the first removed units re-added until `size` are kept (their weights are zero)."""
+    keep = keep.clone()
     extra = size - int(keep.sum())
     if extra > 0:
         keep[torch.nonzero(~keep).flatten()[:extra]] = True
     return keep
+
+
+def _padded_keep(structure: Structure, block: int, size: int) -> torch.Tensor:
+    return pad_keep(structure.keep_mask(block), size)
 
 
 def _narrowed(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
@@ -230,19 +238,47 @@ def slim_model(model: nn.Module, result, round_to: int | None = None,
         keeps.append(_padded_keep(structure, geometry.block, size))
     _apply_sizes(layout, geometries, keeps)
 
+    stock = set_slim_config(model, layout, structure.kind, sizes, structure.heads_per_unit)
+    after = _parameter_count(model)
+    log.info("slimmed %s: %d -> %d parameters (%s)", structure.kind, before, after,
+             "stock config" if stock else "per-block sizes in config.workbench_slim")
+    return SlimResult(model, structure.kind, sizes, reference_shapes, stock, before, after)
+
+
+def set_slim_config(model: nn.Module, layout: ModelLayout, kind: str, sizes: list[int],
+                    heads_per_unit: int) -> bool:
+    """Give `model` (already slimmed to `sizes`; a meta-device skeleton will do) the config that
+    describes it: the family's stock config when every block has one size and the config can
+    express it (returns True: stock from_pretrained loads it), else the per-block sizes recorded
+    in `config.workbench_slim` (for `load_slimmed`)."""
     stock = None
     if len(set(sizes)) == 1:
-        stock = _stock_config(model, layout, structure.kind, sizes[0], structure.heads_per_unit)
+        stock = _stock_config(model, layout, kind, sizes[0], heads_per_unit)
     if stock is not None:
         model.config = stock
     else:
-        setattr(model.config, SLIM_KEY, {"kind": structure.kind, "sizes": sizes,
-                                         "heads_per_unit": structure.heads_per_unit})
-    after = _parameter_count(model)
-    log.info("slimmed %s: %d -> %d parameters (%s)", structure.kind, before, after,
-             "stock config" if stock is not None else "per-block sizes in config.workbench_slim")
-    return SlimResult(model, structure.kind, sizes, reference_shapes, stock is not None, before,
-                      after)
+        setattr(model.config, SLIM_KEY, {"kind": kind, "sizes": list(sizes), "heads_per_unit": heads_per_unit})
+    return stock is not None
+
+
+def slim_skeleton(model: nn.Module, kind: str, sizes: list[int]) -> None:
+    """Narrow a meta-device skeleton's blocks to `sizes` units (shapes only, as `load_slimmed`
+    rebuilds them), so its config can be checked against the shapes of a slimmed checkpoint."""
+    layout = describe(model)
+    geometries = model_geometry(layout, kind)
+    keeps = []
+    for geometry, size in zip(geometries, sizes):
+        keep = torch.zeros(geometry.num_units, dtype=torch.bool)
+        keep[:size] = True
+        keeps.append(keep)
+    _apply_sizes(layout, geometries, keeps)
+
+
+def slice_block(layout: ModelLayout, geometry: BlockGeometry, keep: torch.Tensor) -> None:
+    """Narrow one block in place to the units `keep` marks (see `slim_model`)."""
+    _check_slimmable(layout, geometry.kind)
+    if not bool(keep.all()):
+        _slice_block(layout, geometry, keep)
 
 
 # --- saving and loading --------------------------------------------------------------------

@@ -8,12 +8,14 @@ A *unit* is what structured pruning keeps or removes whole:
   head), so a slimmed layer keeps the stock `num_key_value_groups` and needs no new attention code.
 
 Every part of a unit is described by an `owner` vector: for each row (or column) of a linear, the
-unit index it belongs to. A unit keep-mask then maps to row/column keep-masks by indexing.
+unit index it belongs to. A unit keep-mask then maps to row/column keep-masks by indexing, and a
+per-row or per-column score sums to a unit score (`unit_sum`: each method's unit scorer lives in
+its own file under `workbench.methods`). `Structure` records what a prune kept, for slimming.
+FLOPs per unit and FLOPs budgets are in `workbench.flops`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,7 @@ from workbench.patterns import PatternError
 FUSED_QKV_LAYOUT = {"gpt2": "concat", "mpt": "concat", "gpt_neox": "interleaved",
                     "bloom": "interleaved"}
 KIND_SCOPE = {"channel": "mlp", "head": "attention"}
+UNIT_NOUNS = {"channel": "MLP channels", "head": "attention heads", "kv_group": "attention KV groups"}
 
 
 class StructureError(PatternError):
@@ -54,6 +57,36 @@ class BlockGeometry:
 
     def linears(self) -> list[LinearInfo]:
         return [part.linear for part in self.parts]
+
+
+@dataclass
+class Structure:
+    """What structured pruning kept: per block, the indices of the kept units."""
+
+    kind: str  # "channel" or "head"
+    unit: str  # "channel", "head" or "kv_group"
+    heads_per_unit: int
+    num_units: list[int]  # per block, before pruning
+    kept: list[list[int]]  # per block, sorted kept unit indices
+
+    @property
+    def removed_fraction(self) -> float:
+        total = sum(self.num_units)
+        return 1 - sum(len(k) for k in self.kept) / total if total else 0.0
+
+    def keep_mask(self, block: int) -> torch.Tensor:
+        keep = torch.zeros(self.num_units[block], dtype=torch.bool)
+        keep[self.kept[block]] = True
+        return keep
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "unit": self.unit, "heads_per_unit": self.heads_per_unit,
+                "num_units": list(self.num_units), "kept": [list(k) for k in self.kept]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Structure:
+        return cls(data["kind"], data["unit"], int(data["heads_per_unit"]),
+                   [int(n) for n in data["num_units"]], [[int(i) for i in k] for k in data["kept"]])
 
 
 def _arange_owner(size: int, width: int) -> torch.Tensor:
@@ -147,115 +180,6 @@ def model_geometry(layout: ModelLayout, kind: str) -> list[BlockGeometry]:
     return [block_geometry(block, layout, kind) for block in layout.blocks]
 
 
-# --- FLOPs budgets ---------------------------------------------------------------------------
-# Forward FLOPs per token count 2 per multiply-add of the matmuls: the linears (biases, norms,
-# activations and embedding lookups are left out) and causal attention, where a token at position
-# t attends to t tokens, so over a seqlen-token window the mean context is (seqlen + 1) / 2.
-
-UNIT_NOUNS = {"channel": "MLP channels", "head": "attention heads", "kv_group": "attention KV groups"}
-
-
-def lm_head_params(model) -> int:
-    """Weights of the LM head (tied to the embeddings or not); 0 if the model reports none."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return int(weight.numel()) if weight is not None else 0
-
-
-def attention_flops_per_token(head_dim: int, seqlen: int) -> int:
-    """Scores q.k plus the weighted sum of values for one query head, per token, averaged over a
-    causal `seqlen` window: 2 x 2 x head_dim x (seqlen + 1) / 2."""
-    return 2 * head_dim * (seqlen + 1)
-
-
-def forward_flops_per_token(layout: ModelLayout, seqlen: int, *, lm_head_params: int) -> int:
-    """FLOPs per token of a forward pass over a `seqlen`-token sequence of the dense model.
-
-    Every decoder-block linear (2 x in x out), every block's causal attention for each query head
-    (`attention_flops_per_token`), and the LM head (2 x `lm_head_params`: pass
-    `lm_head_params(model)`, the layout does not hold it). Other linears outside the blocks (e.g.
-    OPT's project_in/out) are not counted. Eager attention computes the full seqlen x seqlen score
-    matrix and masks half of it; this counts only the causal half that a causal kernel computes.
-    """
-    linears = sum(2 * math.prod(in_out_features(lin.module))
-                  for block in layout.blocks for lin in block.select("all"))
-    attention = layout.num_blocks * layout.num_heads * attention_flops_per_token(layout.head_dim,
-                                                                                 seqlen)
-    return linears + attention + 2 * int(lm_head_params)
-
-
-def unit_flops_per_token(geometry: BlockGeometry, seqlen: int) -> int:
-    """FLOPs per token that one unit of `geometry` costs (what removing it saves).
-
-    Per part, 2 x the linear's size along the other axis x the rows/columns the unit owns; a head
-    or KV-group unit adds the attention of its `heads_per_unit` query heads. Every unit of a block
-    owns the same number of rows and columns, so unit 0 speaks for all of them.
-    """
-    flops = 0
-    for part in geometry.parts:
-        in_features, out_features = in_out_features(part.linear.module)
-        other = in_features if part.axis == 0 else out_features
-        flops += 2 * other * int((part.owner == 0).sum())
-    if geometry.kind == "head":
-        head_dim = int((geometry.output.owner == 0).sum()) // geometry.heads_per_unit
-        flops += geometry.heads_per_unit * attention_flops_per_token(head_dim, seqlen)
-    return flops
-
-
-def _uniform_removed_flops(units: list[int], costs: list[int], sparsity: float) -> int:
-    """FLOPs per token removed when every block drops floor(sparsity x units), as the driver does."""
-    return sum(int(n * sparsity + 1e-9) * c for n, c in zip(units, costs))
-
-
-def flops_budget_to_sparsity(geometries: list[BlockGeometry], layout: ModelLayout,
-                             flops_fraction: float, seqlen: int, *, lm_head_params: int,
-                             allocation: str = "global") -> float:
-    """The unit fraction that removes at least `flops_fraction` of the dense model's forward
-    FLOPs per token (`forward_flops_per_token` at `seqlen`), pruning only these `geometries`
-    (the blocks that may lose units; all of one kind).
-
-    "global" (units chosen across blocks): removes ceil(fraction x total FLOPs / unit cost) units
-    and returns that count over all units of `geometries`, which the global search removes
-    exactly. Units cost the same in every block of the supported models; if blocks differed, the
-    unit-count-weighted mean cost is used, and the FLOPs actually removed would depend on which
-    blocks the search picks. "uniform" (floor(fraction x units) per block): the smallest fraction
-    whose per-block counts remove enough, so the FLOPs may overshoot by up to one unit per block.
-    Raises StructureError when the pattern cannot reach the fraction even keeping only one unit
-    per block.
-    """
-    if not 0.0 <= flops_fraction < 1.0:
-        raise StructureError(f"FLOPs fraction {flops_fraction!r} is outside [0, 1): give the "
-                             "fraction of forward FLOPs per token to remove, e.g. 0.2")
-    if not geometries:
-        raise StructureError("no block is left to prune (exclude matches a linear in every "
-                             "block), so no FLOPs budget can be met; narrow exclude")
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"unknown allocation {allocation!r}: use 'global' or 'uniform'")
-    total = forward_flops_per_token(layout, seqlen, lm_head_params=lm_head_params)
-    target = flops_fraction * total
-    units = [g.num_units for g in geometries]
-    costs = [unit_flops_per_token(g, seqlen) for g in geometries]
-    most = sum((n - 1) * c for n, c in zip(units, costs))  # every block keeps one unit
-    if target > most * (1 + 1e-12):
-        noun = UNIT_NOUNS.get(geometries[0].unit, geometries[0].unit)
-        raise StructureError(
-            f"a FLOPs budget of {flops_fraction:.2%} cannot be met by removing {noun} alone: they "
-            f"can remove at most {most / total:.2%} of the forward FLOPs per token at seqlen "
-            f"{seqlen} (keeping one per block in {len(geometries)} blocks). Lower the fraction "
-            "to at most that, or give the budget as a unit fraction (budget 'units')"
-        )
-    if allocation == "global":
-        all_units = sum(units)
-        mean_cost = sum(n * c for n, c in zip(units, costs)) / all_units
-        remove = min(math.ceil(target / mean_cost - 1e-9), all_units - len(geometries))
-        return remove / all_units
-    candidates = sorted({k / n for n in set(units) for k in range(n)})
-    for sparsity in candidates:
-        if _uniform_removed_flops(units, costs, sparsity) >= target * (1 - 1e-12):
-            return sparsity
-    return candidates[-1]  # unreachable: `most` is the last candidate's FLOPs
-
-
 # --- keep-masks ---------------------------------------------------------------------------
 
 
@@ -307,32 +231,10 @@ def apply_unit_mask(geometry: BlockGeometry, unit_keep: torch.Tensor) -> dict[st
     return linear_masks(geometry, unit_keep)
 
 
-# --- cheap unit scores (baselines) ---------------------------------------------------------
-
-
-def _group_sum(values: torch.Tensor, owner: torch.Tensor, num_units: int) -> torch.Tensor:
+def unit_sum(values: torch.Tensor, owner: torch.Tensor, num_units: int) -> torch.Tensor:
+    """Per unit, the sum of `values` over the rows/columns it owns (fp32, on CPU): how a method's
+    per-row or per-column score is lifted to channels and heads."""
     return torch.zeros(num_units, dtype=torch.float32).index_add_(0, owner, values.float().cpu())
-
-
-def magnitude_unit_scores(geometry: BlockGeometry) -> torch.Tensor:
-    """||output columns of the unit|| x ||input rows of the unit|| (mean over up/gate or q/k/v)."""
-    out_part = geometry.output
-    out_sq = weight_of(out_part.linear.module).float().pow(2).sum(0)
-    score = _group_sum(out_sq, out_part.owner, geometry.num_units).sqrt()
-    in_parts = [p for p in geometry.parts if p.axis == 0]
-    in_norm = torch.zeros(geometry.num_units)
-    for part in in_parts:
-        rows_sq = weight_of(part.linear.module).float().pow(2).sum(1)
-        in_norm += _group_sum(rows_sq, part.owner, geometry.num_units).sqrt()
-    return score * in_norm / max(len(in_parts), 1)
-
-
-def wanda_unit_scores(geometry: BlockGeometry, output_input_sq_sum: torch.Tensor) -> torch.Tensor:
-    """Wanda's |w| x ||x|| lifted to units: ||W_out[:, unit] * ||x_unit||||_F on down / o input."""
-    out_part = geometry.output
-    col_sq = weight_of(out_part.linear.module).float().pow(2).sum(0).cpu()
-    weighted = col_sq * output_input_sq_sum.float().cpu()
-    return _group_sum(weighted, out_part.owner, geometry.num_units).sqrt()
 
 
 # --- layer-wise least squares (mask tuning) ------------------------------------------------

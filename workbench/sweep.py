@@ -27,12 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from torch import nn
 
-from workbench.arch import describe, weight_of
-from workbench.methods import METHODS, STATS_NEEDED
+from workbench import snapshot
+from workbench.allocation import owl_block_sparsity
+from workbench.data import load_calibration
+from workbench.evaluate import BUILTIN_TASKS, METRIC_KEYS, check_tasks, evaluate, windowed
+from workbench.jsonio import dataclass_from
+from workbench.methods import elementwise_methods, method_record
 from workbench.patterns import check_sparsity, parse_pattern
+from workbench.progress import Progress
 from workbench.prune import (
     CalibrationCache,
     PruneCancelled,
@@ -48,8 +52,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("exact", "fast")
 ALLOCATIONS = ("uniform", "owl")
-TASKS = ("lambada", "lambada-last-token", "wikitext2")
-METRIC_KEYS = ("accuracy", "perplexity")
 BACKENDS = ("local", "ray")
 # Where and how a sweep runs, not what it computes: left out of the run folder's identity, so a
 # sweep started locally can be resumed on a cluster and the other way round.
@@ -66,7 +68,7 @@ class SweepConfig:
     nsamples: int = 32
     seqlen: int = 256
     seed: int = 0
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = BUILTIN_TASKS
     limit: int | None = 200  # LAMBADA passages (None: all 5153)
     ppl_windows: int | None = 16  # WikiText-2 windows (None: all)
     eval_seqlen: int = 512
@@ -86,11 +88,12 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Check every field; errors name the problem and the fix."""
+        sweepable = elementwise_methods()  # a sweep's patterns are unstructured and N:M
         if not self.methods:
-            raise ValueError("no methods: give at least one of " + ", ".join(METHODS))
+            raise ValueError("no methods: give at least one of " + ", ".join(sweepable))
         for method in self.methods:
-            if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+            if method not in sweepable:
+                raise ValueError(f"unknown method {method!r}: choose from {', '.join(sweepable)}")
         if not self.sparsities and not self.extra_patterns:
             raise ValueError("nothing to sweep: give sparsities and/or extra patterns")
         for value in self.sparsities:
@@ -100,8 +103,6 @@ class SweepConfig:
             if pattern.fixed_sparsity is None:
                 raise ValueError(f"extra pattern {text!r} is not N:M; the sweep's extra patterns "
                                  "are N:M patterns such as 2:4 or 4:8")
-        from workbench.evaluate import check_tasks
-
         check_tasks(self.tasks)  # ours, lm-eval:NAME or the zero-shot preset
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose exact or fast")
@@ -148,11 +149,7 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SweepConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from(cls, data)
 
 
 def point_key(point: dict) -> str:
@@ -161,19 +158,9 @@ def point_key(point: dict) -> str:
 
 # --- weights ---------------------------------------------------------------------------------
 
-
-def snapshot_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every decoder-block linear weight (what pruning may change)."""
-    return {lin.full_name: weight_of(lin.module).detach().clone()
-            for block in describe(model).blocks for lin in block.linears}
-
-
-@torch.no_grad()
-def restore_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Copy the snapshot back in place (no reload, no new tensors)."""
-    for block in describe(model).blocks:
-        for lin in block.linears:
-            weight_of(lin.module).copy_(snapshot[lin.full_name])
+# The names the budgeted sweep, the benchmarks and notebooks use for workbench.snapshot's verbs.
+snapshot_weights = snapshot.take
+restore_weights = snapshot.put_back
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -199,19 +186,18 @@ def default_evaluator(tokenizer, config: SweepConfig,
                       data_dir: str | Path | None = None) -> Callable[[nn.Module], dict]:
     """`workbench.evaluate.evaluate` on the config's tasks: `limit` LAMBADA passages and
     `ppl_windows` WikiText-2 windows of `eval_seqlen` tokens."""
-    from workbench.evaluate import evaluate
-
     if tokenizer is None:
         raise ValueError("the default evaluator needs a tokenizer; pass one or an evaluate_fn")
 
     def run(model: nn.Module) -> dict:
         results = {}
-        lambada = [t for t in config.tasks if t != "wikitext2"]
-        if lambada:
-            results.update(evaluate(model, tokenizer, tasks=lambada, limit=config.limit,
+        sized_by_items = [t for t in config.tasks if not windowed(t)]
+        by_windows = [t for t in config.tasks if windowed(t)]
+        if sized_by_items:
+            results.update(evaluate(model, tokenizer, tasks=sized_by_items, limit=config.limit,
                                     data_dir=data_dir))
-        if "wikitext2" in config.tasks:
-            results.update(evaluate(model, tokenizer, tasks=("wikitext2",),
+        if by_windows:
+            results.update(evaluate(model, tokenizer, tasks=by_windows,
                                     limit=config.ppl_windows, seqlen=config.eval_seqlen,
                                     data_dir=data_dir))
         return results
@@ -236,8 +222,6 @@ def _calibration(config: SweepConfig, calibration, tokenizer):
         return calibration
     if tokenizer is None:
         raise ValueError("pass a tokenizer or calibration token ids for the calibration data")
-    from workbench.data import load_calibration
-
     return load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
                             seqlen=config.seqlen, seed=config.seed)
 
@@ -255,17 +239,22 @@ def keep_point(run, rows: list[dict], on_point, key: str, row: dict, fresh: bool
 
 
 def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | Path | None = None,
-              progress: Callable[[int, int, str], None] | None = None,
+              progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None,
               on_point: Callable[[dict], None] | None = None,
               evaluate_fn: Callable[[nn.Module], dict] | None = None,
               calibration=None, model_name: str | None = None, dense_row: dict | None = None,
-              cache: CalibrationCache | None = None) -> pd.DataFrame:
+              cache: CalibrationCache | None = None, dense: snapshot.Weights | None = None) -> pd.DataFrame:
     """Evaluate the dense model and every point of `config`; return one row per point (the dense
     row first). The model is back to dense on return, whatever happened.
 
+    `dense`: the model's dense weights from `workbench.snapshot.take` (a session's copy, say);
+    they are put in first and restored before every point, and the sweep copies nothing itself.
+    Without it the sweep starts from the weights the model holds and keeps one copy of them.
+
     `run_dir`: a run folder (created, or resumed when it holds this same sweep); finished points
-    found there are not redone. `progress(done, total, message)` after each point;
+    found there are not redone. `progress(fraction, message)` after each point (fraction: points
+    done / points, the dense row counted);
     `should_stop()` is polled between points and inside prunes: the sweep then returns the rows
     it has (the run is marked stopped). `on_point(row)` gets each row as it is ready, including
     rows found in the run folder. `evaluate_fn(model) -> dict` replaces the default evaluator;
@@ -284,14 +273,17 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
     points = config.points()
     total = len(points) + 1
     rows: list[dict] = []
-    snapshot = snapshot_weights(model)
+    if dense is None:
+        dense = snapshot.take(model)
+    else:
+        snapshot.put_back(model, dense)
     counter = {"done": 0}
 
     def finish(key: str, row: dict, fresh: bool) -> None:
         keep_point(run, rows, on_point, key, row, fresh)
         counter["done"] += 1
         if progress is not None:
-            progress(counter["done"], total, f"{key} ({counter['done']}/{total})")
+            progress(counter["done"] / total, f"{key} ({counter['done']}/{total})")
 
     def stop_requested() -> bool:
         return should_stop is not None and bool(should_stop())
@@ -318,7 +310,7 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
             if prepared is None:  # lazily: a fully resumed sweep needs no calibration at all
                 prepared = prepare_cache(model, tokenizer, config, calibration, run,
                                           stats=cache if config.mode == "fast" else None)
-            restore_weights(model, snapshot)
+            snapshot.put_back(model, dense)
             outcome = measure_point(model, tokenizer, config, point, prepared, evaluate_fn,
                                     should_stop=should_stop, allocations=allocations)
             if run is not None:
@@ -328,7 +320,7 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
         log.info("sweep stopped: %s", err)
         table = _table(rows, points)
         if run is not None:
-            restore_weights(model, snapshot)
+            snapshot.put_back(model, dense)
             run.save_table("results", table)
             _save_figures(run, table)
             run.mark_stopped(f"stopped after {len(rows)} of {total} points: {err}")
@@ -338,7 +330,7 @@ def run_sweep(model: nn.Module, tokenizer, config: SweepConfig, run_dir: str | P
             run.mark_failed(err)
         raise
     finally:
-        restore_weights(model, snapshot)
+        snapshot.put_back(model, dense)
 
     table = _table(rows, points)
     if run is not None:
@@ -414,7 +406,7 @@ def prepare_cache(model, tokenizer, config: SweepConfig, calibration, run: Run |
                          "calibration_source": calibration.source})
     base = config.prune_config(config.methods[0], "unstructured", 0.5)
     if config.mode == "fast":
-        gram = config.record_error or any(STATS_NEEDED[m] == "gram" for m in config.methods)
+        gram = config.record_error or any(method_record(m).stats == "gram" for m in config.methods)
         if stats is not None and stats.dense_stats is not None:
             if gram and not stats.gram:
                 raise ValueError("the given cache lacks X^T X, which this sweep needs: collect it "
@@ -429,8 +421,6 @@ def prepare_cache(model, tokenizer, config: SweepConfig, calibration, run: Run |
 
 
 def _owl(model, config: SweepConfig, target: float, cache: _SweepCache) -> list[float]:
-    from workbench.allocation import owl_block_sparsity
-
     if cache.stats_cache is None:  # exact mode: one extra dense pass, shared by every target
         base = config.prune_config(config.methods[0], "unstructured", 0.5)
         shared = cache.prune_cache
@@ -453,7 +443,7 @@ def _table(rows: list[dict], points: list[dict]) -> pd.DataFrame:
 
 
 def _save_figures(run: Run, table: pd.DataFrame) -> None:
-    from workbench import plots
+    from workbench import plots  # matplotlib: ~1.3 s of start-up that only figures need
 
     if table.empty:
         return

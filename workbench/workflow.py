@@ -1,7 +1,7 @@
-"""The interactive workflow both UIs share: load, prune, sweep, export, generate, on one session.
+"""The interactive workflow both UIs share: prune, sweep, export, evaluate and record runs on one session.
 
-A `Session` holds one user's loaded model plus a snapshot of its dense block weights, so every
-run starts from the dense model without reloading it. The functions here are UI-free: they take
+The per-user state (`Session`, load, the dense snapshot, generate) lives in `workbench.session` and
+is re-exported here under its old names. The functions here are UI-free: they take
 plain values, report progress through `progress(fraction, message)`, poll `should_stop()` (or the
 session's stop flag) between blocks, and raise `ValueError` subclasses with messages meant for
 the user. The Gradio app and the notebook widgets are thin layers over them.
@@ -14,132 +14,62 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from workbench.arch import describe
+from workbench import snapshot
+from workbench.budget import run_budgeted_sweep
+from workbench.data import CALIBRATION_SOURCES, load_calibration
+from workbench.estimate import estimate_prune
+from workbench.evaluate import check_tasks, compare, dataset_name, evaluate, windowed
+from workbench.guards import check_seqlen
 from workbench.limits import Deadline, Limits, TimeBudgetExceeded
-from workbench.models import LoadedModel, ModelLoadError, _looks_like_hub_id, load_model, model_info
+from workbench.memory import estimate_memory
+from workbench.methods import METHODS
+from workbench.models import LoadedModel, load_model, model_info, strip_quantizer
+from workbench.offload import prune_from_disk
 from workbench.patterns import parse_pattern
+from workbench.progress import Progress, within
 from workbench.prune import PruneCancelled, PruneConfig, PruneResult, prune
+from workbench.ray_sweep import run_ray_sweep
+from workbench.recipe import RECIPE_FILE, make_recipe, masks_match, read_recipe, reproduce, write_recipe
+from workbench.report import most_pruned_layer
+from workbench.runs import RunError, create_run, list_runs, load_run, write_json
+from workbench.saving import save_folder
+from workbench.session import (  # noqa: F401  (re-exported: callers use workflow.Session, workflow.load, ...)
+    NoModelError,
+    Session,
+    SettingsError,
+    check_source,
+    dense_weights_in,
+    free,
+    generate,
+    load,
+    restore_dense,
+)
+from workbench.slim import slim_model
+from workbench.sweep import SweepConfig, default_evaluator
+from workbench.sweep import run_sweep as sweep_points
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message); gr.Progress fits
-
-# transformers' from_pretrained patches torch's module initialisation process-wide while it
-# builds a model on the meta device, so two loads in parallel threads break each other.
-_LOAD_LOCK = threading.Lock()
 
 # Interactive defaults: small enough to answer in seconds on a laptop CPU.
 INTERACTIVE_NSAMPLES = 16
 INTERACTIVE_SEQLEN = 256
-EVAL_LABELS = {
-    "lambada": "lambada_openai",
-    "lambada-last-token": "lambada_openai",
-    "wikitext2": "wikitext-2-raw-v1 test",
-}
 SUMMARY_COLUMNS = ["Model", "Method", "Calibration dataset", "Evaluation dataset", "Sparsity pattern",
                    "Over MLP block sparsity", "Element-wise/matmul ratio", "Metric", "Dense",
                    "Sparse", "Relative drop"]
 
 
-class SettingsError(ValueError):
-    """A setting a user gave cannot work; the message names it and says what to give instead."""
-
-
-class NoModelError(SettingsError):
-    """An action needs a loaded model and there is none."""
-
-
-@dataclass
-class Session:
-    """One user's workbench state. Holds live objects: never share one between users."""
-
-    loaded: LoadedModel | None = None
-    info: dict = field(default_factory=dict)
-    dense_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    result: PruneResult | None = None  # the last finished pruning, whose weights the model holds
-    dense_eval: dict | None = None
-    dense_eval_key: tuple | None = None  # (tasks, limit) that dense_eval was computed for
-    pruned_eval: dict | None = None
-    sweep: pd.DataFrame | None = None
-    last_export: object | None = None  # workbench.export.ExportResult
-    stop_requested: bool = False
-    busy: str = ""  # what is running now, for a clear 'wait' message
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # separates exports per session
-    limits: Limits | None = None  # what one request may ask (workbench.limits); None: unbounded
-
-    @property
-    def model(self):
-        if self.loaded is None:
-            raise NoModelError("no model loaded: load one first (the bundled default, a hub id, "
-                               "a local folder or a .gguf file)")
-        return self.loaded.model
-
-    @property
-    def tokenizer(self):
-        self.model  # noqa: B018 - raises the clear error when nothing is loaded
-        return self.loaded.tokenizer
-
-    @property
-    def is_pruned(self) -> bool:
-        return self.result is not None
-
-    def request_stop(self) -> None:
-        """Ask the running prune or sweep to stop at the next block; cleared when that job ends."""
-        self.stop_requested = True
-
-    def should_stop(self) -> bool:
-        return self.stop_requested
-
-
 def available_methods() -> list[str]:
-    """Method names the driver accepts, the structured retrain-free pipeline included once present."""
-    from workbench.methods import METHODS
-
-    names = list(METHODS)
-    if "retrain-free" not in names:
-        try:
-            PruneConfig(method="retrain-free", pattern="channel", sparsity=0.1, scope="mlp").validate()
-            names.append("retrain-free")
-        except ValueError:
-            pass
-    return names
+    """Method names the driver accepts (`workbench.methods.METHODS`), structured ones included."""
+    return list(METHODS)
 
 
 # --- validation -----------------------------------------------------------------------------
-
-
-def check_source(source: str, limits: Limits | None = None) -> str:
-    """The stripped model source, or a SettingsError naming what is wrong with it."""
-    text = str(source or "").strip()
-    if not text:
-        raise SettingsError("no model given: type 'default', a hub id such as "
-                            "'HuggingFaceTB/SmolLM2-135M', a local folder, or a .gguf path")
-    if text == "default":
-        return text
-    path = Path(text).expanduser()
-    if limits is not None and limits.public and (path.exists() or not _looks_like_hub_id(text)):
-        limits.check_model_path(text)  # before any existence check: say nothing about the server's files
-    if path.exists():
-        if path.is_file() and path.suffix.lower() != ".gguf":
-            raise SettingsError(f"{text} is a file but not a .gguf model; give a .gguf file or a "
-                                "folder written by save_pretrained")
-        return text
-    if text.lower().endswith(".gguf"):
-        raise SettingsError(f"GGUF file not found: {text}. Check the path or upload the file.")
-    if text.startswith(("/", "./", "../", "~")) or "\\" in text:
-        raise SettingsError(f"no such folder or file: {text}. Check the path.")
-    if not _looks_like_hub_id(text):
-        raise SettingsError(f"{text!r} is neither an existing path nor a valid hub id: a hub id looks "
-                            "like 'owner/name' (letters, digits, '-', '_', '.')")
-    return text
 
 
 def make_config(settings: dict | PruneConfig, limits: Limits | None = None) -> PruneConfig:
@@ -153,8 +83,6 @@ def make_config(settings: dict | PruneConfig, limits: Limits | None = None) -> P
 
 def _check_calibration_source(calibration, limits: Limits | None) -> None:
     if limits is not None and limits.public and calibration is not None:
-        from workbench.data import CALIBRATION_SOURCES
-
         limits.check_calibration(str(calibration), tuple(CALIBRATION_SOURCES))
 
 
@@ -212,8 +140,6 @@ def check_eval(tasks: Sequence[str] | None, limit: int | None,
 
 
 def _check_eval(tasks: Sequence[str] | None, limit: int | None) -> tuple[tuple[str, ...], int | None]:
-    from workbench.evaluate import check_tasks
-
     try:  # ours, lm-eval:NAME, or the zero-shot preset (expanded to its tasks)
         tasks = tuple(check_tasks(tasks or ()))
     except ValueError as err:
@@ -249,77 +175,6 @@ def validate_settings(source: str | None = None, settings: dict | PruneConfig | 
     return problems
 
 
-# --- load and restore -----------------------------------------------------------------------
-
-
-def _block_parameters(model) -> dict[str, torch.nn.Parameter]:
-    prefix = describe(model).blocks_name + "."
-    return {name: p for name, p in model.named_parameters() if name.startswith(prefix)}
-
-
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu", copy=True) for name, p in _block_parameters(model).items()}
-
-
-def free(session: Session) -> None:
-    """Drop the session's model and everything computed from it."""
-    session.loaded = None
-    session.info = {}
-    session.dense_state = {}
-    session.result = None
-    session.dense_eval = session.dense_eval_key = session.pruned_eval = None
-    session.sweep = None
-    session.last_export = None
-    gc.collect()
-
-
-def load(session: Session, source: str = "default", dtype: str = "fp32",
-         progress: Progress | None = None, device: str = "cpu") -> dict:
-    """Load a model into the session (replacing any other) and return `model_info` plus timing."""
-    source = check_source(source, session.limits)
-    free(session)
-    started = time.perf_counter()
-    if progress is not None:
-        progress(0.0, f"Loading {source} ...")
-    try:
-        with _LOAD_LOCK:
-            loaded = load_model(source, dtype=dtype, device=device,
-                                progress=(lambda message: progress(0.3, message)) if progress else None)
-    except (ModelLoadError, ValueError) as error:
-        raise SettingsError(str(error)) from None
-    except OSError as error:
-        raise SettingsError(f"could not load {source!r}: {error}") from None
-    session.loaded = loaded
-    session.info = model_info(loaded)
-    if "prunable" not in session.info:  # model_info marks unsupported architectures only
-        session.dense_state = _snapshot(loaded.model)
-    session.info["load_s"] = round(time.perf_counter() - started, 2)
-    if progress is not None:
-        progress(1.0, "Loaded")
-    return session.info
-
-
-def restore_dense(session: Session) -> None:
-    """Put the dense block weights back (after a pruning, a sweep, or a cancelled run)."""
-    model = session.model
-    if not session.dense_state:
-        raise SettingsError(f"{session.info.get('class', 'this model')} cannot be pruned: "
-                            f"{session.info.get('prunable', 'unsupported architecture')}")
-    params = _block_parameters(model)
-    reshaped = [n for n, t in session.dense_state.items() if n not in params or params[n].shape != t.shape]
-    if reshaped:  # physically slimmed: the dense tensors no longer fit, so reload
-        log.info("model was slimmed (%d tensors changed shape); reloading", len(reshaped))
-        keep = session.dense_state
-        load(session, session.loaded.source, session.loaded.dtype)
-        session.dense_state = keep
-        return
-    with torch.no_grad():
-        for name, saved in session.dense_state.items():
-            params[name].copy_(saved)
-    session.result = None
-    session.pruned_eval = None
-
-
 # --- pruning --------------------------------------------------------------------------------
 
 
@@ -336,9 +191,7 @@ class PruneOutcome:
 
 
 def _stage(progress: Progress | None, start: float, end: float) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda fraction, message: progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+    return within(progress, start, end)
 
 
 def _figure(metric: str, value: float) -> str:
@@ -376,13 +229,13 @@ def summary_table(session: Session, result: PruneResult, comparison: pd.DataFram
         "Element-wise/matmul ratio": f"{result.summary['matmul']:.4f}",
     }
     rows = []
-    evaluation = ", ".join(dict.fromkeys(EVAL_LABELS.get(t, t) for t in tasks)) or "-"
+    evaluation = ", ".join(dict.fromkeys(dataset_name(t) for t in tasks)) or "-"
     if comparison is None or comparison.empty:
         rows.append({**base, "Evaluation dataset": evaluation, "Metric": "-", "Dense": "-",
                      "Sparse": "-", "Relative drop": "-"})
     else:
         for task, row in zip(tasks, comparison.itertuples(index=False)):
-            rows.append({**base, "Evaluation dataset": EVAL_LABELS.get(task, task), "Metric": row[0],
+            rows.append({**base, "Evaluation dataset": dataset_name(task), "Metric": row[0],
                          "Dense": _figure(row[0], row[1]), "Sparse": _figure(row[0], row[2]),
                          "Relative drop": _pct(row[3])})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -390,8 +243,6 @@ def summary_table(session: Session, result: PruneResult, comparison: pd.DataFram
 
 def _compare_in_task_order(dense: dict, sparse: dict, tasks: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
     """evaluate.compare row by row, with the task each row came from (for the dataset column)."""
-    from workbench.evaluate import compare
-
     frames, row_tasks = [], []
     for task in tasks:
         if task in dense and task in sparse:
@@ -405,15 +256,12 @@ def _compare_in_task_order(dense: dict, sparse: dict, tasks: Sequence[str]) -> t
 
 def make_figures(result: PruneResult, zoom_layer: str | None = None) -> tuple[dict, str | None]:
     """Heatmap of counted sparsity, one layer's mask, per-layer output error (None where absent)."""
-    try:
-        from workbench import plots
-    except ImportError:  # plots are optional for the core workflow
-        return {"heatmap": None, "mask_zoom": None, "error_heatmap": None}, None
+    from workbench import plots  # matplotlib: ~1.3 s of start-up that only figures need
     if zoom_layer is None or zoom_layer not in result.masks:
-        zoom_layer = next(iter(result.masks), None)
+        zoom_layer = most_pruned_layer(result)
     figures = {
         "heatmap": plots.sparsity_heatmap(result.sparsity),
-        "mask_zoom": plots.mask_zoom(result.masks[zoom_layer]) if zoom_layer else None,
+        "mask_zoom": plots.mask_zoom(result.masks[zoom_layer], layer=zoom_layer) if zoom_layer else None,
         "error_heatmap": plots.error_heatmap(result.errors)
         if not result.errors.empty and result.errors["error"].notna().any() else None,
     }
@@ -423,14 +271,18 @@ def make_figures(result: PruneResult, zoom_layer: str | None = None) -> tuple[di
 def evaluate_dense(session: Session, tasks: Sequence[str], limit: int | None,
                    progress: Progress | None = None) -> dict:
     """Dense figures for (tasks, limit), computed once per session and reused."""
-    from workbench.evaluate import evaluate
-
     key = (tuple(tasks), limit)
     if session.dense_eval is not None and session.dense_eval_key == key:
         return session.dense_eval
-    if session.is_pruned:
-        restore_dense(session)
-    session.dense_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit, progress=progress)
+    if session.is_pruned and snapshot.mismatches(session.model, session.dense_state):
+        restore_dense(session)  # slimmed: the dense weights no longer fit, so the model is reloaded
+    if session.is_pruned:  # score the dense weights, then put the pruned ones back
+        with dense_weights_in(session):
+            session.dense_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
+                                          progress=progress, data_dir=session.data_dir)
+    else:
+        session.dense_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
+                                      progress=progress, data_dir=session.data_dir)
     session.dense_eval_key = key
     return session.dense_eval
 
@@ -438,8 +290,6 @@ def evaluate_dense(session: Session, tasks: Sequence[str], limit: int | None,
 def estimate_prune_time(session: Session, settings: dict | PruneConfig):
     """How long pruning the loaded model with `settings` should take on this machine (a
     `workbench.estimate.Estimate`: `.text` reads 'about 40 s'); evaluation not included."""
-    from workbench.estimate import estimate_prune
-
     config = make_config(settings, session.limits)
     return estimate_prune(session.model, config)
 
@@ -449,17 +299,12 @@ def estimate_prune_memory(session: Session, settings: dict | PruneConfig, source
     disk (a `workbench.memory.MemoryEstimate`: `.describe()` reads 'estimated peak memory 2.9 GiB
     (onloading blocks from disk) ...'). `source`: a safetensors folder, estimated without loading
     it; default the loaded model."""
-    from workbench.memory import estimate_memory
-
     config = make_config(settings, session.limits)
     return estimate_memory(source if source is not None else session.model, config)
 
 
 def _estimates_line(session: Session, config: PruneConfig) -> str:
     """'pruning takes about 40 s, estimated peak memory 0.9 GiB (in memory); ...' for the first stage message."""
-    from workbench.estimate import estimate_prune
-    from workbench.memory import estimate_memory
-
     return (f"pruning takes {estimate_prune(session.model, config).text}, "
             f"{estimate_memory(session.model, config).describe()}")
 
@@ -476,7 +321,7 @@ def run_prune(session: Session, settings: dict | PruneConfig, eval_tasks: Sequen
     """
     config = make_config(settings, session.limits)
     tasks, limit = check_eval(eval_tasks, limit, session.limits)
-    session.model  # noqa: B018 - raises NoModelError
+    session.require_model()
     deadline = _deadline(session)
     try:
         return _prune_and_evaluate(session, config, tasks, limit, progress, should_stop, zoom_layer, deadline)
@@ -492,14 +337,18 @@ def _deadline(session: Session) -> Deadline:
     return session.limits.deadline() if session.limits is not None else Deadline(None)
 
 
-def _within(deadline: Deadline | None, progress: Progress | None, what: str) -> Progress | None:
-    """`progress` that also ends the job once the time budget is spent (evaluation has no other stop)."""
-    if deadline is None or deadline.seconds is None:
+def _within(deadline: Deadline | None, progress: Progress | None, what: str,
+            stop: Callable[[], bool] | None = None) -> Progress | None:
+    """`progress` that also ends the job once the time budget is spent or `stop()` says so
+    (evaluation has no other stop): the evaluation raises at its next batch."""
+    if (deadline is None or deadline.seconds is None) and stop is None:
         return progress
 
     def report(fraction: float, message: str) -> None:
-        if deadline.expired():
+        if deadline is not None and deadline.expired():
             raise TimeBudgetExceeded(deadline.message(what))
+        if stop is not None and stop():
+            raise PruneCancelled("stopped during the evaluation; the model is dense again")
         if progress is not None:
             progress(fraction, message)
 
@@ -524,22 +373,23 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
         t0 = time.perf_counter()
         cached = session.dense_eval is not None and session.dense_eval_key == (tasks, limit)
         dense_eval = evaluate_dense(session, tasks, limit,
-                                    _within(deadline, _stage(progress, 0.0, eval_share), "pruning"))
+                                    _within(deadline, _stage(progress, 0.0, eval_share), "pruning", stop))
         timings["dense_eval_s"] = 0.0 if cached else time.perf_counter() - t0
         if stop():
             raise PruneCancelled("stopped before pruning; the model is dense")
     start = eval_share if tasks else 0.0
 
-    def on_block(done: int, total: int, message: str) -> None:
+    def on_block(fraction: float, message: str) -> None:
         if progress is not None:
-            progress(start + prune_share * done / total, f"Pruning {message}" if done else f"Pruning: {message}")
+            progress(start + prune_share * fraction, f"Pruning {message}" if fraction else f"Pruning: {message}")
 
     if progress is not None:
         stage = (f"Calibrating on {config.nsamples} x {config.seqlen} tokens of {config.calibration}"
                  if config.uses_calibration else f"Pruning with {config.method} (no calibration data needed)")
         progress(start, f"{stage}; {_estimates_line(session, config)}")
     try:
-        result = prune(session.model, config, tokenizer=session.tokenizer, progress=on_block, should_stop=stop)
+        result = prune(session.model, config, calibration=session_calibration(session, config),
+                       tokenizer=session.tokenizer, progress=on_block, should_stop=stop)
     except BaseException:
         restore_dense(session)
         gc.collect()
@@ -549,14 +399,13 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
     pruned_eval = None
     comparison, row_tasks = None, []
     if tasks:
-        from workbench.evaluate import evaluate
-
         t0 = time.perf_counter()
         try:
             pruned_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
+                                   data_dir=session.data_dir,
                                    progress=_within(deadline, _stage(progress, start + prune_share, 1.0),
-                                                    "pruning"))
-        except TimeBudgetExceeded:
+                                                    "pruning", stop))
+        except (TimeBudgetExceeded, PruneCancelled):
             restore_dense(session)  # a half-evaluated pruning is not kept
             raise
         timings["sparse_eval_s"] = time.perf_counter() - t0
@@ -591,13 +440,13 @@ def timings_table(outcome: PruneOutcome) -> pd.DataFrame:
 
 def record_run(session: Session, outcome: PruneOutcome, root: str | Path | None = None) -> Path:
     """Write a finished pruning into the run store (config, tables, figures, figures' numbers)."""
-    from workbench.runs import create_run
-
     result = outcome.result
     config = {"model": session.info.get("resolved") or session.info.get("source"), **result.config.to_dict()}
     run = create_run(root, "prune", config)
     run.update(data={"calibration": result.calibration}, session=session.id)  # whose run, for public listings
     run.save_table("summary", outcome.table)
+    if not outcome.comparison.empty:  # the summary's figures with every digit (the summary is rounded)
+        run.save_table("comparison", outcome.comparison)
     run.save_table("sparsity", result.sparsity)
     run.save_table("errors", result.errors)
     run.save_table("timings", result.timings)
@@ -623,12 +472,11 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
 
     `settings` are further `workbench.sweep.SweepConfig` fields (scope, calibration, nsamples,
     seqlen, mode, ...). `on_point(table_so_far)` is called after each point. A stop returns the
-    finished points. The model is dense again afterwards. A sweep stopped by the session's time
-    budget returns its finished points too, with the reason in `table.attrs["stopped"]`.
+    finished points. The model holds what it held before afterwards, also after a failure or a
+    stop: a pruned model stays pruned, with its `session.result` and evaluation, ready to export.
+    A sweep stopped by the session's time budget returns its finished points too, with the reason
+    in `table.attrs["stopped"]`.
     """
-    from workbench.sweep import SweepConfig
-    from workbench.sweep import run_sweep as sweep_points
-
     limits = session.limits
     tasks, limit = check_eval(eval_tasks, limit, limits)
     if not tasks:
@@ -653,15 +501,15 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
         raise SettingsError(str(error)) from None
     if limits is not None and limits.public and config.backend != "local":
         raise SettingsError("sweeps on a Ray cluster are off on a public workbench: use the local backend")
-    session.model  # noqa: B018 - raises NoModelError
+    session.require_model()
     deadline = _deadline(session)
 
     def stop() -> bool:
         return session.stop_requested or (should_stop is not None and should_stop()) or deadline.expired()
 
-    def step(done: int, total: int, message: str) -> None:
+    def step(fraction: float, message: str) -> None:
         if progress is not None:
-            progress(done / total, f"Sweep: {message}")
+            progress(fraction, f"Sweep: {message}")
 
     rows: list[dict] = []
 
@@ -670,21 +518,18 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
         if on_point is not None:
             on_point(pd.DataFrame(rows))
 
-    restore_dense(session)
     try:
         if config.backend == "ray":  # every point a Ray task that loads the session's model source itself
-            from workbench.ray_sweep import run_ray_sweep
-
             table = run_ray_sweep(session.loaded.source, config, run_dir, dtype=session.loaded.dtype,
                                   revision=session.loaded.revision, progress=step, should_stop=stop,
                                   on_point=point)
-        else:
-            table = sweep_points(session.model, session.tokenizer, config, run_dir=run_dir, progress=step,
-                                 should_stop=stop, on_point=point,
-                                 model_name=str(session.info.get("resolved") or session.info.get("source")))
+        else:  # on the session's dense copy (the sweep copies nothing more); a pruned model comes back after
+            with dense_weights_in(session) as dense:
+                table = sweep_points(session.model, session.tokenizer, config, run_dir=run_dir, progress=step,
+                                     should_stop=stop, on_point=point, dense=dense,
+                                     model_name=str(session.info.get("resolved") or session.info.get("source")))
     finally:
         session.stop_requested = False  # a stop request ends with the job it stopped
-        restore_dense(session)
         if run_dir is not None:
             _tag_run(run_dir, session)
     if deadline.expired():
@@ -695,8 +540,6 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
 
 def _tag_run(run_dir: str | Path, session: Session) -> None:
     """Record which session made the run (public servers list a session's own runs only)."""
-    from workbench.runs import RunError, load_run
-
     try:
         load_run(run_dir).update(session=session.id)
     except (RunError, OSError) as error:
@@ -717,7 +560,7 @@ def iter_sweep(session: Session, *args, **kwargs) -> Iterator[pd.DataFrame]:
     def hand_over(table: pd.DataFrame) -> None:
         resumed.clear()
         updates.put(table)
-        while not resumed.wait(0.2) and not closed.is_set():
+        while not resumed.wait(0.2) and not closed.is_set() and not session.stop_requested:
             pass
 
     def work() -> None:
@@ -749,9 +592,10 @@ def iter_sweep(session: Session, *args, **kwargs) -> Iterator[pd.DataFrame]:
 
 def export(session: Session, root: str | Path = "exports", name: str | None = None,
            formats: Sequence[str] = ("masked",), overwrite: bool = False, make_zip: bool = True,
-           progress: Progress | None = None):
-    """Save the pruned model with its recipe, results and model card; returns an ExportResult."""
-    from workbench.export import export_model
+           progress: Progress | None = None, uniform: bool = False):
+    """Save the pruned model with its recipe, results and model card; returns an ExportResult.
+    `uniform`: slim every block to the same width, so the 'slimmed' folder loads in stock transformers."""
+    from workbench.export import export_model  # lazy: it imports plots (matplotlib)
 
     if not session.is_pruned:
         raise SettingsError("nothing to export yet: prune the model first")
@@ -759,20 +603,16 @@ def export(session: Session, root: str | Path = "exports", name: str | None = No
         raise SettingsError("choose at least one export format")
     result = session.result
     name = (name or "").strip() or _default_export_name(session)
-    heatmap = None
-    try:
-        from workbench import plots
+    from workbench import plots  # matplotlib: ~1.3 s of start-up that only figures need
 
-        heatmap = plots.sparsity_heatmap(result.sparsity)
-    except ImportError:
-        pass
+    heatmap = plots.sparsity_heatmap(result.sparsity)
     evaluation = None
     if session.dense_eval is not None and session.pruned_eval is not None:
         evaluation = {"dense": session.dense_eval, "sparse": session.pruned_eval}
     try:
         exported = export_model(session.model, session.tokenizer, root, name, formats=tuple(formats), result=result,
                                 evaluation=evaluation, source=session.info, overwrite=overwrite,
-                                make_zip=make_zip, heatmap=heatmap, progress=progress)
+                                make_zip=make_zip, heatmap=heatmap, progress=progress, uniform=uniform)
     except FileExistsError as error:
         raise SettingsError(f"{error} (tick 'overwrite' or choose another name)") from None
     session.last_export = exported
@@ -797,55 +637,9 @@ def model_card(exported) -> str:
     return ""
 
 
-@torch.inference_mode()
-def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    device = next(model.parameters()).device
-    encoded = tokenizer(prompt, return_tensors="pt").to(device)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> tuple[str, str | None]:
-    """(dense continuation, pruned continuation) for `prompt`, greedy. The pruned text is None
-    when nothing has been pruned. The dense text comes from swapping the dense weights in."""
-    if not str(prompt or "").strip():
-        raise SettingsError("type a prompt first")
-    try:
-        max_new_tokens = int(max_new_tokens)
-    except (TypeError, ValueError):
-        raise SettingsError(f"max new tokens must be a whole number, got {max_new_tokens!r}") from None
-    if not 1 <= max_new_tokens <= 512:
-        raise SettingsError(f"max new tokens must be between 1 and 512, got {max_new_tokens}")
-    if session.limits is not None:
-        session.limits.check("max_new_tokens", max_new_tokens)
-    model, tokenizer = session.model, session.tokenizer
-    if not session.is_pruned:
-        return _greedy(model, tokenizer, prompt, max_new_tokens), None
-    pruned_text = _greedy(model, tokenizer, prompt, max_new_tokens)
-    params = _block_parameters(model)
-    pruned_state = {name: p.detach().clone() for name, p in params.items()}
-    try:
-        with torch.no_grad():
-            for name, saved in session.dense_state.items():
-                params[name].copy_(saved)
-        dense_text = _greedy(model, tokenizer, prompt, max_new_tokens)
-    finally:
-        with torch.no_grad():
-            for name, tensor in pruned_state.items():
-                params[name].copy_(tensor)
-    return dense_text, pruned_text
-
-
 def runs_table(root: str | Path = "runs", session: Session | None = None) -> pd.DataFrame:
     """The run store's runs, newest first (empty when there are none or no store yet). With a
     `session` in public mode, only the runs that session made."""
-    try:
-        from workbench.runs import list_runs
-    except ImportError:
-        return pd.DataFrame()
     if not Path(root).is_dir():
         return pd.DataFrame()
     runs = list_runs(root)
@@ -854,3 +648,213 @@ def runs_table(root: str | Path = "runs", session: Session | None = None) -> pd.
         owner = runs["session"] if "session" in runs else pd.Series(None, index=runs.index, dtype=object)
         runs = runs[owner == session.id].reset_index(drop=True)
     return runs
+
+
+# --- one-shot jobs: the command line --------------------------------------------------------
+
+
+@dataclass
+class PruneJob:
+    """What a one-shot prune did: the outcome, and where it was saved and recorded."""
+
+    outcome: PruneOutcome
+    seconds: dict  # evaluate_dense, prune, evaluate_sparse, save, total (whichever ran)
+    slimmed: object | None = None  # workbench.slim's result, when the pruned units were removed
+    out: Path | None = None
+    run: Path | None = None
+    masks_match: bool | None = None  # recipe jobs: the masks against the recipe's digest
+
+
+def open_session(source: str = "default", dtype: str = "fp32", revision: str | None = None,
+                 trust_remote_code: bool = False, data_dir: str | Path | None = None) -> Session:
+    """A session for one job on a model loaded once (the command line). It keeps no dense copy
+    of the weights, so its model is pruned at most once and never restored."""
+    loaded = load_model(source, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    return one_shot_session(loaded, data_dir)
+
+
+def one_shot_session(loaded: LoadedModel, data_dir: str | Path | None = None) -> Session:
+    """`open_session` on a model already loaded."""
+    return Session(loaded=loaded, info=model_info(loaded), data_dir=data_dir, keep_dense=False)
+
+
+def session_calibration(session: Session, config: PruneConfig):
+    """Calibration windows read from the session's data folder, or None to let the driver load
+    `config.calibration` from the default one."""
+    if session.data_dir is None or not config.uses_calibration:
+        return None
+    check_seqlen(session.model, config.seqlen, "--seqlen")
+    return load_calibration(session.tokenizer, config.calibration, nsamples=config.nsamples,
+                            seqlen=config.seqlen, seed=config.seed, data_dir=session.data_dir)
+
+
+def evaluate_job(session: Session, tasks: Sequence[str], limit: int | None = None, seqlen: int = 512,
+                 **options) -> dict:
+    """`workbench.evaluate.evaluate` on the session's model and data folder; `options` are its
+    further keywords (batch_size, include_path, num_fewshot, bos_per_window)."""
+    if any(windowed(task) for task in tasks):
+        check_seqlen(session.model, seqlen, "--seqlen")
+    return evaluate(session.model, session.tokenizer, tasks=list(tasks), limit=limit, seqlen=seqlen,
+                    data_dir=session.data_dir, **options)
+
+
+def save_pruned(session: Session, out: str | Path, overwrite: bool = False) -> Path:
+    """The model as a model folder of ours (workbench.saving), with the recipe of its pruning, so
+    a later `export --model OUT` or `prune --recipe OUT/recipe.json` knows how it was made."""
+    recipe = make_recipe(session.result, source=session.loaded) if session.result is not None else None
+
+    def write(folder: Path) -> None:
+        strip_quantizer(session.model).save_pretrained(folder, safe_serialization=True)
+        if session.tokenizer is not None:
+            session.tokenizer.save_pretrained(folder)
+        if recipe is not None:
+            write_recipe(folder / RECIPE_FILE, recipe)
+
+    return save_folder(out, write, "model", overwrite)
+
+
+def _finish_job(session: Session, job: PruneJob, started: float, slim: dict | None, out: str | Path | None,
+                overwrite: bool, record: bool, runs_root: str | Path | None) -> PruneJob:
+    """Slim, save and record a finished prune: the steps after pruning that every face shares."""
+    if slim is not None:
+        job.slimmed = slim_model(session.model, session.result, **slim)
+    if out is not None:
+        t0 = time.perf_counter()
+        job.out = save_pruned(session, out, overwrite)
+        job.seconds["save"] = time.perf_counter() - t0
+    job.seconds["total"] = time.perf_counter() - started
+    if record:
+        job.run = record_run(session, job.outcome, runs_root)
+        if job.out is not None:
+            load_run(job.run).update(out=str(job.out))
+    return job
+
+
+def prune_job(session: Session, config: PruneConfig, tasks: Sequence[str] = (), limit: int | None = None, *,
+              slim: dict | None = None, out: str | Path | None = None, overwrite: bool = False,
+              record: bool = True, runs_root: str | Path | None = None,
+              progress: Progress | None = None) -> PruneJob:
+    """`run_prune` (evaluate dense, prune, evaluate), then slim (`slim`: slim_model's keywords),
+    save to `out` with the recipe, and record the run in the run store as the UIs do."""
+    started = time.perf_counter()
+    outcome = run_prune(session, config, tasks, limit, progress=progress)
+    timings = outcome.timings
+    seconds = {"evaluate_dense": timings.get("dense_eval_s"), "prune": outcome.result.seconds,
+               "evaluate_sparse": timings.get("sparse_eval_s")}
+    job = PruneJob(outcome, {k: v for k, v in seconds.items() if v is not None})
+    return _finish_job(session, job, started, slim, out, overwrite, record, runs_root)
+
+
+def reproduce_job(session: Session, recipe, tasks: Sequence[str] = (), limit: int | None = None, *,
+                  device: str | None = None, out: str | Path | None = None, overwrite: bool = False,
+                  record: bool = True, runs_root: str | Path | None = None) -> PruneJob:
+    """Prune the session's model as a recipe (workbench.recipe.Recipe) says, checking the masks
+    against its digest; evaluated, saved and recorded like `prune_job`."""
+    started = time.perf_counter()
+    tasks = tuple(tasks)
+    seconds, dense_eval, pruned_eval = {}, None, None
+    if tasks:
+        t0 = time.perf_counter()
+        dense_eval = evaluate_dense(session, tasks, limit)
+        seconds["evaluate_dense"] = time.perf_counter() - t0
+    _, _, result = reproduce(recipe, model=session.model, tokenizer=session.tokenizer,
+                             data_dir=session.data_dir, device=device)
+    session.result = result
+    seconds["prune"] = result.seconds
+    comparison, row_tasks = None, []
+    if tasks:
+        t0 = time.perf_counter()
+        pruned_eval = session.pruned_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
+                                                     data_dir=session.data_dir)
+        seconds["evaluate_sparse"] = time.perf_counter() - t0
+        comparison, row_tasks = _compare_in_task_order(dense_eval, pruned_eval, tasks)
+    figures, zoom = make_figures(result) if record else ({}, None)
+    outcome = PruneOutcome(result=result, table=summary_table(session, result, comparison, row_tasks or tasks),
+                           comparison=comparison if comparison is not None else pd.DataFrame(), figures=figures,
+                           timings={f"{k}_s": round(v, 2) for k, v in seconds.items()},
+                           dense_eval=dense_eval, pruned_eval=pruned_eval, zoom_layer=zoom)
+    job = PruneJob(outcome, seconds, masks_match=masks_match(recipe, result))
+    return _finish_job(session, job, started, None, out, overwrite, record, runs_root)
+
+
+def export_job(session: Session, root: str | Path, name: str, formats: Sequence[str] = ("masked",), *,
+               recipe=None, overwrite: bool = False, make_zip: bool = True, **options):
+    """Export the session's model (pruned first as `recipe` says, when given); a folder that
+    carries its own recipe (an earlier export or `prune --out`) keeps it. `options` are
+    export_model's further keywords (push_to, token, private, round_to, uniform).
+    Returns (ExportResult, masks match the recipe: True/False, or None when not checked)."""
+    from workbench.export import export_model  # lazy: it imports plots (matplotlib)
+    result = carried = matched = None
+    if recipe is not None:
+        _, _, result = reproduce(recipe, model=session.model, tokenizer=session.tokenizer,
+                                 data_dir=session.data_dir)
+        session.result = result
+        matched = masks_match(recipe, result)
+    elif Path(str(session.loaded.source), RECIPE_FILE).is_file():
+        carried = read_recipe(Path(str(session.loaded.source))).raw
+    exported = export_model(session.model, session.tokenizer, root, name, formats=tuple(formats), result=result,
+                            source=session.loaded, overwrite=overwrite, make_zip=make_zip, recipe=carried,
+                            **options)
+    session.last_export = exported
+    return exported, matched
+
+
+def sweep_job(config, run_dir: str | Path, source: str = "default", dtype: str = "fp32",
+              revision: str | None = None, trust_remote_code: bool = False, data_dir: str | Path | None = None,
+              budget: int | None = None, first: int = 50):
+    """A sweep (a `workbench.sweep.SweepConfig`) into the run folder `run_dir`: a table, or with
+    `budget` (items per point per task, workbench.budget) a BudgetedOutcome. On the Ray backend the
+    workers load `source` themselves; otherwise it is loaded here once."""
+    if config.backend == "ray":
+        if budget is not None:
+            raise SettingsError("a budgeted sweep runs in this process: drop --backend ray")
+        return run_ray_sweep(source, config, run_dir=run_dir, dtype=dtype, revision=revision,
+                             trust_remote_code=trust_remote_code, data_dir=data_dir)
+    session = open_session(source, dtype, revision, trust_remote_code, data_dir)
+    calibration = None
+    if data_dir is not None:  # calibration files come from the data folder too
+        calibration = load_calibration(session.tokenizer, config.calibration, nsamples=config.nsamples,
+                                       seqlen=config.seqlen, seed=config.seed, data_dir=data_dir)
+    if budget is not None:
+        return run_budgeted_sweep(session.model, session.tokenizer, config, budget=budget, first=first,
+                                  run_dir=run_dir, calibration=calibration, data_dir=data_dir)
+    return sweep_points(session.model, session.tokenizer, config, run_dir=run_dir,
+                        evaluate_fn=default_evaluator(session.tokenizer, config, data_dir),
+                        calibration=calibration, model_name=session.loaded.resolved)
+
+
+def prune_out_of_core(source: str, folder: str | Path, out: str | Path, config: PruneConfig, *,
+                      dtype: str = "fp32", data_dir: str | Path | None = None, resume: bool = False,
+                      overwrite: bool = False, activations_in_memory: bool | None = None,
+                      record: bool = True, runs_root: str | Path | None = None,
+                      progress: Progress | None = None, slim: dict | None = None) -> tuple[PruneResult, Path | None]:
+    """Prune the safetensors checkpoint `folder` (the model `source` names) block by block into
+    `out` (workbench.offload), write its recipe there, and record the run. Returns (result, run).
+    `slim`: write a channel/head prune slimmed (see `workbench.offload.prune_from_disk`)."""
+    calibration = tokenizer = None
+    if data_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        calibration = load_calibration(tokenizer, config.calibration, nsamples=config.nsamples,
+                                       seqlen=config.seqlen, seed=config.seed, data_dir=data_dir)
+    result = prune_from_disk(folder, out, config, calibration=calibration, tokenizer=tokenizer, resume=resume,
+                             overwrite=overwrite, activations_in_memory=activations_in_memory,
+                             progress=progress, slim=slim)
+    info = {"source": source, "resolved": str(folder), "kind": "default" if source == "default" else "local",
+            "dtype": dtype}
+    recipe = make_recipe(result, source=info)
+    if not result.masks:  # the masks are the zeros of the written weights: no digest to check against
+        recipe["result"] = {k: v for k, v in recipe["result"].items() if k not in ("masks", "masks_sha256")}
+    write_json(Path(out) / RECIPE_FILE, recipe)  # atomic: the folder is complete already
+    run_path = None
+    if record:
+        run = create_run(runs_root, "prune", {"model": str(folder), **config.to_dict()})
+        run.update(data={"calibration": result.calibration}, out=str(out), offload=True)
+        run.save_table("sparsity", result.sparsity)
+        run.save_table("errors", result.errors)
+        run.save_table("timings", result.timings)
+        summary = {k: v for k, v in result.summary.items() if k != "by_kind"}
+        run.mark_done({"sparsity": summary, "dense": {}, "sparse": {}, "timings": {"prune_s": result.seconds}})
+        run_path = run.path
+    return result, run_path

@@ -16,77 +16,34 @@ transformers"), for MLP channels or attention heads, in three steps:
    driver's Gram matrix, ridge toward the dense weights: see `reconstruct_columns`). The paper
    tunes one scale per kept unit; refitting whole columns uses the same statistics and can
    recover more. INC's implementation stops before this step; `mask_tuning` toggles it.
-
-Magnitude and Wanda unit scores plug into the same plan as cheap baselines (per-block counts).
+   The plan that runs the driver's side (step 3, and the cheap Magnitude and Wanda unit scores
+   that plug into the same plan as baselines) is `workbench.methods.unit_plan`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.arch import LinearInfo, ModelLayout, set_weight, weight_of
-from workbench.structured import (
-    KIND_SCOPE,
-    BlockGeometry,
-    StructureError,
-    apply_unit_mask,
-    keep_lowest_removed,
-    magnitude_unit_scores,
-    model_geometry,
-    reconstruct_columns,
-    units_to_remove,
-    wanda_unit_scores,
-)
+from workbench.progress import Progress
+from workbench.structured import BlockGeometry, StructureError, keep_lowest_removed, units_to_remove
 
 log = logging.getLogger(__name__)
 
-STRUCTURED_METHODS = ("retrain-free", "magnitude", "wanda")
-ALLOCATIONS = ("auto", "global", "uniform")
 FISHER_MAX_BATCH = 4  # windows per backward pass: bounds activation memory on small machines
-
-
-@dataclass
-class Structure:
-    """What structured pruning kept: per block, the indices of the kept units."""
-
-    kind: str  # "channel" or "head"
-    unit: str  # "channel", "head" or "kv_group"
-    heads_per_unit: int
-    num_units: list[int]  # per block, before pruning
-    kept: list[list[int]]  # per block, sorted kept unit indices
-
-    @property
-    def removed_fraction(self) -> float:
-        total = sum(self.num_units)
-        return 1 - sum(len(k) for k in self.kept) / total if total else 0.0
-
-    def keep_mask(self, block: int) -> torch.Tensor:
-        keep = torch.zeros(self.num_units[block], dtype=torch.bool)
-        keep[self.kept[block]] = True
-        return keep
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "unit": self.unit, "heads_per_unit": self.heads_per_unit,
-                "num_units": list(self.num_units), "kept": [list(k) for k in self.kept]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Structure:
-        return cls(data["kind"], data["unit"], int(data["heads_per_unit"]),
-                   [int(n) for n in data["num_units"]], [[int(i) for i in k] for k in data["kept"]])
 
 
 # --- step 1: Fisher information of the mask variables -------------------------------------
 
 
 def fisher_gradients(model: nn.Module, geometries: list[BlockGeometry], ids: torch.Tensor,
-                     batch_size: int = FISHER_MAX_BATCH, progress=None) -> list[torch.Tensor]:
+                     batch_size: int = FISHER_MAX_BATCH, progress: Progress | None = None) -> list[torch.Tensor]:
     """Per-window gradients of the LM loss w.r.t. unit mask variables: one (windows, units)
-    tensor per block. A separate pass over the full model (gradients need every block)."""
+    tensor per block. A separate pass over the full model (gradients need every block).
+    `progress(fraction, message)` after every batch of windows."""
     device = next(model.parameters()).device
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -122,7 +79,8 @@ def fisher_gradients(model: nn.Module, geometries: list[BlockGeometry], ids: tor
                 grads[i].append(current[i].grad.detach().float().cpu())
                 current[i] = None
             if progress is not None:
-                progress(min(start + batch_size, ids.shape[0]), ids.shape[0], "fisher")
+                windows = min(start + batch_size, ids.shape[0])
+                progress(windows / ids.shape[0], f"fisher {windows}/{ids.shape[0]} windows")
     finally:
         for handle in handles:
             handle.remove()
@@ -206,126 +164,26 @@ def predicted_loss(keep: torch.Tensor, grads: torch.Tensor) -> float:
     return float(grads[:, ~keep].float().sum(1).pow(2).sum())
 
 
-# --- the plan the layer-wise driver executes -----------------------------------------------
+# --- the unit choice the structured plan runs before the driver ---------------------------
 
 
-@dataclass
-class StructuredPlan:
-    """Unit choices for every block plus the per-block step the driver calls."""
-
-    kind: str
-    method: str
-    geometries: list[BlockGeometry]
-    mask_tuning: bool
-    percdamp: float
-    skip_blocks: set[int] = field(default_factory=set)
-    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> unit keep-mask
-    fisher: list[torch.Tensor] | None = None  # per block, per-window gradients (retrain-free)
-
-    def needs_stats(self) -> str | None:
-        if self.mask_tuning:
-            return "gram"
-        return "diag" if self.method == "wanda" else None
-
-    def block_linears(self, index: int) -> list[LinearInfo]:
-        return [] if index in self.skip_blocks else self.geometries[index].linears()
-
-    def solve_block(self, index: int, stats: dict, target: float
-                    ) -> list[tuple[LinearInfo, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Decide (unless pre-decided), zero, and refit one block; returns per linear
-        (info, dense weight, new weight, keep mask)."""
-        geometry = self.geometries[index]
-        keep = self.chosen.get(index)
-        if keep is None:
-            remove = units_to_remove(geometry.num_units, target, f" in block {index}")
-            if self.method == "magnitude":
-                scores = magnitude_unit_scores(geometry)
-            else:
-                out_stats = stats[geometry.output.linear.full_name]
-                scores = wanda_unit_scores(geometry, out_stats.sq_sum)
-            keep = keep_lowest_removed(scores, remove)
-            self.chosen[index] = keep
-        dense = {p.linear.full_name: weight_of(p.linear.module).to(torch.float32, copy=True)
-                 for p in geometry.parts}
-        masks = apply_unit_mask(geometry, keep)
-        if self.mask_tuning and not bool(keep.all()):
-            out = geometry.output.linear
-            out_stats = stats[out.full_name]
-            keep_cols = geometry.output.keep_along_axis(keep)
-            tuned = reconstruct_columns(dense[out.full_name], out_stats.gram, keep_cols,
-                                        self.percdamp)
-            set_weight(out.module, tuned)
-        return [(p.linear, dense[p.linear.full_name],
-                 weight_of(p.linear.module).to(torch.float32, copy=True),
-                 masks[p.linear.full_name]) for p in geometry.parts]
-
-    def structure(self) -> Structure:
-        first = self.geometries[0]
-        kept = []
-        for g in self.geometries:
-            keep = self.chosen.get(g.block, torch.ones(g.num_units, dtype=torch.bool))
-            kept.append(torch.nonzero(keep).flatten().tolist())
-        return Structure(self.kind, first.unit, first.heads_per_unit,
-                         [g.num_units for g in self.geometries], kept)
-
-
-def resolve_allocation(method: str, allocation: str) -> str:
-    if allocation == "auto":
-        return "global" if method == "retrain-free" else "uniform"
-    if allocation == "global" and method != "retrain-free":
-        raise ValueError(f"{method} unit scores are not comparable across blocks; use "
-                         "allocation 'uniform' (or method 'retrain-free' for a global choice)")
-    return allocation
-
-
-def plan_structured(model: nn.Module, layout: ModelLayout, kind: str, method: str,
-                    sparsity: float, ids: torch.Tensor | None, *, allocation: str = "auto",
-                    block_sparsity: list[float] | None = None, mask_tuning: bool | None = None,
-                    percdamp: float = 0.01, batch_size: int = FISHER_MAX_BATCH,
-                    skip_blocks: set[int] | None = None, rearrange: bool = True,
-                    geometries: list[BlockGeometry] | None = None) -> StructuredPlan:
-    """Build the plan; for retrain-free this runs the Fisher pre-pass, search and rearrangement.
-    `geometries`: `model_geometry(layout, kind)` when the caller already has it."""
-    if method not in STRUCTURED_METHODS:
-        raise ValueError(f"{kind} pruning supports methods {STRUCTURED_METHODS}, not {method!r}")
-    if allocation == "auto" and block_sparsity is not None:
-        allocation = "uniform"  # per-block targets fix every block's count
-    allocation = resolve_allocation(method, allocation)
-    geometries = geometries if geometries is not None else model_geometry(layout, kind)
-    tuning = (method == "retrain-free") if mask_tuning is None else bool(mask_tuning)
-    plan = StructuredPlan(kind, method, geometries, tuning, percdamp, set(skip_blocks or ()))
-    targets = block_sparsity if block_sparsity is not None else sparsity
-    if method != "retrain-free":
-        # Counts are checked now, so an impossible budget fails before anything is zeroed.
-        for g in geometries:
-            target = targets[g.block] if isinstance(targets, list) else targets
-            units_to_remove(g.num_units, target, f" in block {g.block}")
-        return plan
+def fisher_plan(model: nn.Module, geometries: list[BlockGeometry], ids: torch.Tensor | None,
+                targets: float | list[float], allocation: str, *, batch_size: int = FISHER_MAX_BATCH,
+                rearrange: bool = True) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """Retrain-free's choice of units in `geometries` (the blocks that may lose units): the Fisher
+    pass, the search under the budget (`targets`: one fraction, or one per geometry) and the
+    rearrangement. Returns (block -> unit keep-mask, per block the per-window gradients)."""
     if ids is None:
         raise ValueError("retrain-free pruning needs calibration data for its Fisher pass")
-    active = [g for g in geometries if g.block not in plan.skip_blocks]
-    grads = fisher_gradients(model, active, ids, batch_size)
+    grads = fisher_gradients(model, geometries, ids, batch_size)
     diag = [g.pow(2).sum(0) for g in grads]
-    if isinstance(targets, list):
-        targets = [targets[g.block] for g in active]
     keeps = search_masks(diag, targets, allocation)
-    for g, keep, block_grads in zip(active, keeps, grads):
+    chosen = {}
+    for g, keep, block_grads in zip(geometries, keeps, grads):
         if rearrange:
             before = predicted_loss(keep, block_grads)
             keep = rearrange_mask(keep, block_grads)
             log.debug("block %d: rearrangement %.4g -> %.4g", g.block, before,
                       predicted_loss(keep, block_grads))
-        plan.chosen[g.block] = keep
-    plan.fisher = grads
-    log.info("%s %s: kept %s units per block", method, kind,
-             [int(plan.chosen[g.block].sum()) for g in active])
-    return plan
-
-
-def check_scope(kind: str, scope: str) -> str:
-    """The scope a structured pattern acts on ('all' means the pattern's own)."""
-    natural = KIND_SCOPE[kind]
-    if scope not in ("all", natural):
-        raise ValueError(f"pattern {kind!r} prunes the {natural} block; use scope {natural!r} "
-                         f"(got {scope!r})")
-    return natural
+        chosen[g.block] = keep
+    return chosen, grads

@@ -28,28 +28,37 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from workbench import workflow
-from workbench.evaluate import PRESETS
-from workbench.limits import LimitError, Limits, scrub, variable_for
+from workbench import report, workflow
+from workbench.limits import Limits, scrub, variable_for
+from workbench.lmeval import PREFIX as LM_EVAL_PREFIX
+from workbench.lmeval import task_list
 from workbench.prune import PruneCancelled
+from workbench.ui import choices
+from workbench.ui.tabs import TabJobs
 
 log = logging.getLogger(__name__)
 
 SOURCE_CHOICES = ["bundled default", "hub id", "local folder or .gguf path", "upload .gguf"]
-PATTERNS = ["unstructured", "2:4", "4:8", "channel", "head"]
-SCOPES = ["all", "mlp", "attention"]
-CALIBRATION_SOURCES = ["wikitext2", "pile10k", "c4", "lambada"]
+# the option lists come from workbench.ui.choices (the core's tables), shared with the notebook panel
+PATTERNS = list(choices.PATTERNS)
+SCOPES = choices.scopes()
+CALIBRATION_SOURCES = choices.calibration_sources()
 # zero-shot and lm-eval:NAME run through lm-eval and need its task data; any installed task can be typed
-EVAL_TASKS = ["lambada", "lambada-last-token", "wikitext2", "zero-shot", *PRESETS["zero-shot"]]
-EVAL_INFO = "search, or type lm-eval:NAME for any installed lm-eval task"
-EXPORT_FORMATS = ["masked", "compact", "slimmed"]
+EVAL_TASKS = choices.eval_tasks()
+EVAL_INFO = choices.EVAL_HINT
 WORK = "work"  # the concurrency group every heavy event shares
+TAB_JOBS = TabJobs()  # which session each open tab runs a job on
 
 INTRO = """# Prune workbench
 Retrain-free pruning of causal language models: load a model, choose a method and a sparsity
 pattern, prune with a small calibration set, and see what it costs in accuracy. Start in
 **Model**, then **Prune**.
 """
+
+
+def _error(message: str, **kwargs) -> gr.Error:
+    """An error toast that stays until the user closes it (the status line only says "Error")."""
+    return gr.Error(message, duration=None, **kwargs)
 
 
 def concurrency() -> int:
@@ -84,21 +93,6 @@ def _say(session: workflow.Session | None, message: str) -> str:
     return scrub(message) if _public(session) else message
 
 
-def sweep_methods_available() -> list[str]:
-    from workbench.methods import METHODS
-
-    return list(METHODS)
-
-
-def export_formats() -> list[str]:
-    try:
-        from workbench import export
-
-        return list(getattr(export, "FORMATS", EXPORT_FORMATS))
-    except ImportError:
-        return EXPORT_FORMATS
-
-
 # --- helpers --------------------------------------------------------------------------------
 
 
@@ -106,33 +100,60 @@ def _reporter(progress: gr.Progress):
     return lambda fraction, message: progress(fraction, desc=message)
 
 
+def _tab() -> str | None:
+    """The session hash of the browser tab whose event is running here (None outside an event)."""
+    from gradio.context import LocalContext
+
+    return getattr(LocalContext.request.get(None), "session_hash", None)
+
+
+def installed_task_choices(pickers: int, wait: float = 180.0):
+    """`load`: the evaluation pickers' choices with every installed lm-eval task, once lm-eval's
+    task list is ready (built once per process in the background; waits for it up to `wait` s)."""
+
+    def choices_when_ready():
+        names = task_list().names(wait)
+        if not names:  # still indexing, or no lm-eval: the preset and typed names stay
+            return [gr.update()] * pickers
+        listed = list(dict.fromkeys([*EVAL_TASKS, *(LM_EVAL_PREFIX + name for name in names)]))
+        return [gr.update(choices=listed)] * pickers
+
+    return choices_when_ready
+
+
+def close_tab(request: gr.Request) -> None:
+    """`unload`: the tab was closed or reloaded, so the job it started stops."""
+    TAB_JOBS.close(getattr(request, "session_hash", None))
+
+
 @contextmanager
 def _job(session: workflow.Session, what: str):
     """One job per session at a time; user errors become a clear message, never a trace."""
     if session.busy:
-        raise gr.Error(f"{session.busy[0].upper()}{session.busy[1:]} is still running in this tab: wait for it "
+        raise _error(f"{session.busy[0].upper()}{session.busy[1:]} is still running in this tab: wait for it "
                        "or press Cancel.", print_exception=False)
     session.stop_requested = False
     session.busy = what
     try:
-        yield
+        with TAB_JOBS.running(_tab(), session):  # closing the tab stops the job (workbench.ui.tabs)
+            yield
     except gr.Error as error:
         if _public(session):
-            raise gr.Error(scrub(error.message), print_exception=False) from None
+            raise _error(scrub(error.message), print_exception=False) from None
         raise
     except ValueError as error:  # SettingsError, PatternError, ModelLoadError: meant for the user
-        raise gr.Error(_say(session, str(error)), print_exception=False) from None
+        raise _error(_say(session, str(error)), print_exception=False) from None
     except FileNotFoundError as error:
-        raise gr.Error(_say(session, str(error)), print_exception=False) from None
+        raise _error(_say(session, str(error)), print_exception=False) from None
     except (MemoryError, torch.OutOfMemoryError):
-        raise gr.Error(f"out of memory while {what}: try a smaller model, fewer calibration samples "
+        raise _error(f"out of memory while {what}: try a smaller model, fewer calibration samples "
                        "or a shorter sequence length") from None
     except Exception as error:
         log.exception("%s failed", what)
         if _public(session):  # the details can hold server paths or file contents: they go to the log
-            raise gr.Error(f"{what} failed ({type(error).__name__}); the details are in the server's log",
+            raise _error(f"{what} failed ({type(error).__name__}); the details are in the server's log",
                            print_exception=False) from None
-        raise gr.Error(f"{what} failed: {type(error).__name__}: {error}") from None
+        raise _error(f"{what} failed: {type(error).__name__}: {error}") from None
     finally:
         session.busy = ""
 
@@ -142,10 +163,10 @@ def _source(choice: str, text: str | None, upload) -> str:
         return "default"
     if choice == "upload .gguf":
         if not upload:
-            raise gr.Error("upload a .gguf file first (or pick another source)")
+            raise _error("upload a .gguf file first (or pick another source)")
         return str(getattr(upload, "name", upload))
     if not (text or "").strip():
-        raise gr.Error("type a hub id such as HuggingFaceTB/SmolLM2-135M" if choice == "hub id"
+        raise _error("type a hub id such as HuggingFaceTB/SmolLM2-135M" if choice == "hub id"
                        else "type the path of a save_pretrained folder or a .gguf file")
     return text.strip()
 
@@ -176,7 +197,7 @@ def info_table(info: dict, public: bool = False) -> pd.DataFrame:
         ("attention heads / KV heads", f"{info.get('heads')} / {info.get('kv_heads')}"),
         ("head dim", info.get("head_dim")),
         ("prunable linears per block", ", ".join(info.get("prunable_linears_per_block", []) or [])
-         or info.get("prunable", "-")),
+         or (f"none: {info['unsupported']}" if "unsupported" in info else "-")),
         ("dtype", info.get("dtype")),
         ("loaded from", f"{info.get('kind')}: {_origin(info, public)}"),
         ("load time (s)", info.get("load_s")),
@@ -229,7 +250,7 @@ def on_source_kind(choice: str):
             gr.update(visible=choice == "upload .gguf"))
 
 
-def load_model(session: workflow.Session, choice: str, text: str | None, upload, dtype: str,
+def on_load(session: workflow.Session, choice: str, text: str | None, upload, dtype: str,
                progress=gr.Progress()):
     source = _source(choice, text, upload)
     with _job(session, "loading"):
@@ -239,19 +260,16 @@ def load_model(session: workflow.Session, choice: str, text: str | None, upload,
 
 
 def on_pattern(pattern: str, method: str):
-    """N:M fixes the sparsity; channel/head are the structured pipeline and its scope."""
-    structured = pattern in ("channel", "head")
-    nm = ":" in str(pattern)
-    methods = workflow.available_methods()
-    method_update = gr.update()
-    if structured and "retrain-free" in methods:
-        method_update = gr.update(value="retrain-free")
-    elif not structured and method == "retrain-free":
-        method_update = gr.update(value="sparsegpt")
-    scope = {"channel": "mlp", "head": "attention"}.get(pattern, "all")
-    sparsity_update = gr.update(interactive=not nm, label="target sparsity (fixed by N:M)" if nm
-                                else "target sparsity")
-    return method_update, gr.update(value=scope), sparsity_update
+    """N:M fixes the sparsity; channel/head are the structured pipeline and its scope
+    (`choices.pattern_reaction`, shared with the notebook panel)."""
+    reaction = choices.pattern_reaction(pattern, method)
+    if reaction is None:  # a typed pattern that does not parse: the run says why
+        return gr.update(), gr.update(), gr.update()
+    fixed = reaction.fixed_sparsity
+    sparsity_update = gr.update(interactive=fixed is None, label=reaction.sparsity_label,
+                                **({"value": fixed} if fixed is not None else {}))
+    return (gr.update(value=reaction.method) if reaction.method else gr.update(),
+            gr.update(value=reaction.scope) if reaction.scope else gr.update(), sparsity_update)
 
 
 def _settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen) -> dict:
@@ -263,7 +281,7 @@ def _limit(value) -> int | None:
     return None if value in (None, "", 0) else value
 
 
-def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: float, scope: str,
+def on_prune(session: workflow.Session, method: str, pattern: str, sparsity: float, scope: str,
               calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
               calibration_file=None, progress=gr.Progress()):
     """Prune the dense model; returns status, summary table, figures, timings, layer choices.
@@ -274,7 +292,7 @@ def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: fl
         settings=_settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen),
         eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
-        raise gr.Error(_say(session, " ".join(problems)), print_exception=False)
+        raise _error(_say(session, " ".join(problems)), print_exception=False)
     with _job(session, "pruning"):
         try:
             outcome = workflow.run_prune(session, _settings(method, pattern, sparsity, scope, calibration,
@@ -297,7 +315,9 @@ def run_prune(session: workflow.Session, method: str, pattern: str, sparsity: fl
               f"{summary['mlp']:.2%} of MLP weights, {summary['attention']:.2%} of attention weights, "
               f"{summary['matmul']:.2%} of all matmul weights are zero (counted from the weights)." + saved)
     layers = list(outcome.result.masks)
-    return (status, outcome.table, _image(outcome.figures["heatmap"]), _image(outcome.figures["mask_zoom"]),
+    # the figures first, in words; the seed table (and the run store) keep the full record
+    view = report.styled(report.results_view(outcome.comparison, outcome.table))
+    return (status, view, _image(outcome.figures["heatmap"]), _image(outcome.figures["mask_zoom"]),
             _image(outcome.figures["error_heatmap"]), workflow.timings_table(outcome),
             gr.update(choices=layers, value=outcome.zoom_layer), _model_line(session))
 
@@ -307,7 +327,7 @@ def zoom(session: workflow.Session, layer: str | None):
         return None
     from workbench.plots import mask_zoom
 
-    return _image(mask_zoom(session.result.masks[layer]))
+    return _image(mask_zoom(session.result.masks[layer], layer=layer))
 
 
 def cancel(session: workflow.Session) -> str:
@@ -321,11 +341,11 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
     except ValueError:
-        raise gr.Error(f"sparsities must be numbers separated by commas, e.g. 0.3, 0.5, 0.7 (got {text!r})",
+        raise _error(f"sparsities must be numbers separated by commas, e.g. 0.3, 0.5, 0.7 (got {text!r})",
                        print_exception=False) from None
     bad = [v for v in values if not 0 <= v < 1]
     if bad:
-        raise gr.Error(f"sparsities must lie in [0, 1): {bad} do not", print_exception=False)
+        raise _error(f"sparsities must lie in [0, 1): {bad} do not", print_exception=False)
     return values
 
 
@@ -338,16 +358,23 @@ def _curve(table: pd.DataFrame):
         return None
 
 
-def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_patterns: list[str],
+def _points(table: pd.DataFrame):
+    """The sweep's points with their figures rounded on screen (the data keeps every digit)."""
+    floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    return table.style.hide(axis="index").format(lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}",
+                                                 subset=floats, na_rep="-")
+
+
+def on_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_patterns: list[str],
               mode: str, scope: str, calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
               backend: str = "local", address: str = "", progress=gr.Progress()) -> Iterator:
     """Stream the sweep: status, table and curve after every finished point."""
     values = _floats(sparsities)
     if not values and not nm_patterns:
-        raise gr.Error("give sparsities (e.g. 0.3, 0.5) or tick an N:M pattern", print_exception=False)
+        raise _error("give sparsities (e.g. 0.3, 0.5) or tick an N:M pattern", print_exception=False)
     problems = workflow.validate_settings(eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
-        raise gr.Error(_say(session, " ".join(problems)), print_exception=False)
+        raise _error(_say(session, " ".join(problems)), print_exception=False)
     total = len(methods) * (len(values) + len(nm_patterns)) + 1
     run_dir = runs_root() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-sweep-{uuid.uuid4().hex[:6]}"
     table = None
@@ -356,12 +383,13 @@ def run_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm
                                          run_dir=run_dir, progress=_reporter(progress), mode=mode, scope=scope,
                                          calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                                          backend=backend or "local", address=(address or "").strip() or None):
-            yield f"{len(table)} of {total} points done (the dense model first) ...", table, _curve(table), \
+            yield f"{len(table)} of {total} points done (the dense model first) ...", _points(table), _curve(table), \
                 _model_line(session)
     done = f"Sweep stopped after {len(table)} of {total} points" if len(table) < total \
         else f"Sweep finished: {len(table)} points"
     why = f" {table.attrs['stopped']}." if table.attrs.get("stopped") else ""
-    yield f"{done}; saved as run `{run_dir.name}`.{why}", table, _curve(table), _model_line(session)
+    kept = " Your pruned model is unchanged: Compare and Export still use it." if session.is_pruned else ""
+    yield f"{done}; saved as run `{run_dir.name}`.{why}{kept}", _points(table), _curve(table), _model_line(session)
 
 
 def generate(session: workflow.Session, prompt: str, max_new_tokens: int):
@@ -381,7 +409,7 @@ def list_runs(session: workflow.Session | None = None):
 
 def compare_runs(session: workflow.Session | None, names: list[str]):
     if not names:
-        raise gr.Error("tick one or more runs to compare", print_exception=False)
+        raise _error("tick one or more runs to compare", print_exception=False)
     from workbench.runs import compare_runs as compare
 
     root = runs_root()
@@ -389,36 +417,88 @@ def compare_runs(session: workflow.Session | None, names: list[str]):
         own = set(workflow.runs_table(root, session).get("name", []))
         missing = [n for n in names if n not in own]
         if missing:
-            raise gr.Error(f"no such run(s): {missing}; press Refresh", print_exception=False)
+            raise _error(f"no such run(s): {missing}; press Refresh", print_exception=False)
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
-        raise gr.Error(_say(session, f"no such run(s) in {root}: {missing}; press Refresh"), print_exception=False)
+        raise _error(_say(session, f"no such run(s) in {root}: {missing}; press Refresh"), print_exception=False)
     try:
         return compare([root / n for n in names])
     except ValueError as error:
-        raise gr.Error(_say(session, str(error)), print_exception=False) from None
+        raise _error(_say(session, str(error)), print_exception=False) from None
 
 
-def export(session: workflow.Session, formats: list[str], name: str, overwrite: bool,
-           progress=gr.Progress()):
+def show_comparison(table: pd.DataFrame | None, kinds: list[str]):
+    """The compared runs cut to the chosen metric kinds: a short rounded table and its plot."""
+    if table is None or table.empty:
+        return None, None
+    view = report.compare_view(table, tuple(kinds or report.METRIC_KINDS))
+    if view.empty:
+        gr.Info("the chosen runs hold no figures of the chosen metrics (prune with an evaluation task)")
+        return view, None
+    try:
+        from workbench.plots import compare_plot
+
+        figure = _image(compare_plot(view))
+    except ValueError:
+        figure = None
+    return report.styled(view), figure
+
+
+def on_export(session: workflow.Session, formats: list[str], name: str, overwrite: bool, make_zip: bool = True,
+           uniform: bool = False, progress=gr.Progress()):
+    """Write the export (a zip too when `make_zip`); the zip is served without a second copy."""
+    from workbench.ui.downloads import loaders_line, private_link
+
+    report = _reporter(progress)
+
+    def reported(fraction: float, message: str) -> None:
+        if session.stop_requested:  # the tab closed: the staged export is dropped, nothing half-written stays
+            raise _error("the export was stopped; nothing was written", print_exception=False)
+        report(fraction, message)
+
     with _job(session, "exporting"):
         progress(0.1, desc="Writing the model ...")
         exported = workflow.export(session, exports_root() / session.id, name, formats, overwrite=overwrite,
-                                   progress=_reporter(progress))
+                                   make_zip=bool(make_zip), uniform=bool(uniform), progress=reported)
     sizes = getattr(exported, "sizes", {}) or {}
     size_table = pd.DataFrame([(k, f"{v / 1e6:.1f} MB" if isinstance(v, (int, float)) else str(v))
                                for k, v in sizes.items()], columns=["file or format", "size"])
     card = card_preview(workflow.model_card(exported)) or "*No model card was written.*"
-    zip_path = str(exported.zip_path) if getattr(exported, "zip_path", None) else None
-    # In public mode the export folder is not served: Gradio copies the zip into its cache under
-    # an unguessable name and hands that address to this session only.
+    zip_path = None
+    if getattr(exported, "zip_path", None):
+        # Locally the export root is a static path: the zip is served where it was written. In public
+        # mode the export folder is not served: a hard link under an unguessable name in Gradio's
+        # cache, handed to this session only (workbench.ui.downloads).
+        zip_path = str(private_link(exported.zip_path) if _public(session) else exported.zip_path)
     where = f"as `{Path(exported.path).name}`" if _public(session) else f"to `{exported.path}`"
-    return f"Exported {where}.", zip_path, card, size_table
+    return f"Exported {where}. {loaders_line(exported.path)}".strip(), zip_path, card, size_table
+
+
+def zip_default(session: workflow.Session):
+    """The 'zip' box after a load: ticked for models up to 500 MB, where zipping is quick."""
+    from workbench.ui.downloads import zip_by_default
+
+    return gr.update(value=zip_by_default(session.loaded.model if session.loaded is not None else None))
 
 
 def _bound(bound: int, prefix: str = "") -> str:
     """An input's hint: the server's upper bound, when it has one."""
     return f"{prefix}at most {bound} here" if bound else ""
+
+
+def _sample_and_eval_inputs(page, limits: Limits, size_hint: str = "") -> tuple:
+    """Calibration samples, tokens per sample, evaluation tasks and size: the inputs the prune and
+    sweep tabs share. `size_hint` says what the evaluation size counts."""
+    nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1, label="calibration samples",
+                         info=_bound(limits.max_nsamples))
+    seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
+                       info=_bound(limits.max_seqlen))
+    tasks = gr.Dropdown(EVAL_TASKS, value=["lambada"], multiselect=True, allow_custom_value=True,
+                        label="evaluation", info=EVAL_INFO)
+    page.task_pickers.append(tasks)
+    limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
+                      info=size_hint + _bound(limits.max_eval, ", " if size_hint else ""))
+    return nsamples, seqlen, tasks, limit
 
 
 def _figure_box(label: str, elem_id: str) -> gr.Image:
@@ -430,156 +510,220 @@ def _figure_box(label: str, elem_id: str) -> gr.Image:
 # --- the app --------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Page:
+    """What every tab's builder shares: the session, the model line, the server's bounds."""
+
+    session: gr.State
+    model_line: gr.Markdown
+    limits: Limits
+    methods: list[str]
+    calibration_info: str
+    task_pickers: list = dataclasses.field(default_factory=list)  # filled with every lm-eval task on load
+
+
+def _model_tab(page: _Page) -> gr.events.Dependency:
+    """Model: where the model comes from, its dtype, and what was loaded."""
+    session = page.session
+    model_line = page.model_line
+    with gr.Tab("Model", id="model"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                source_kind = gr.Radio(SOURCE_CHOICES, value="bundled default", label="model source")
+                source_text = gr.Textbox(label="hub id, folder or .gguf path", visible=False,
+                                         elem_id="source-text")
+                upload = gr.File(label=".gguf file", file_types=[".gguf"], visible=False)
+                dtype = gr.Dropdown(choices.dtypes(), value="fp32", label="dtype")
+                load_button = gr.Button("Load model", variant="primary", elem_id="load-button")
+                load_status = gr.Markdown(elem_id="load-status")
+            with gr.Column(scale=3):
+                info = gr.Dataframe(headers=["property", "value"], label="model", interactive=False,
+                                    elem_id="model-info")
+        source_kind.change(on_source_kind, source_kind, [source_text, upload], api_visibility="private")
+        return load_button.click(on_load, [session, source_kind, source_text, upload, dtype],
+                                 [load_status, info, model_line], api_name="load", concurrency_id=WORK,
+                                 show_progress_on=load_status)
+
+
+def _prune_tab(page: _Page) -> None:
+    """Prune: method, pattern and data; the results table, the heatmaps and the mask zoom."""
+    methods = page.methods
+    limits = page.limits
+    calibration_info = page.calibration_info
+    session = page.session
+    model_line = page.model_line
+    with gr.Tab("Prune", id="prune"):
+        with gr.Row():
+            method = gr.Dropdown(methods, value="sparsegpt", label="method")
+            pattern = gr.Dropdown(PATTERNS, value="2:4", label="pattern", allow_custom_value=True,
+                                  info="unstructured, N:M (e.g. 2:4, 4:8), channel or head")
+            # a number box, not a slider: a slider clamps a typed 1.5 to its maximum without a word,
+            # while the core refuses it with a message
+            sparsity = gr.Number(0.5, step=0.05, label="target sparsity (fixed by N:M)", interactive=False,
+                                 info="fraction in [0, 1)")
+            scope = gr.Radio(SCOPES, value="all", label="scope")
+        with gr.Row():
+            with gr.Column(min_width=160):
+                calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
+                                          label="calibration data", info=calibration_info)
+                calibration_file = gr.File(label="or upload calibration text (.txt/.jsonl)",
+                                           file_types=[".txt", ".jsonl"], elem_id="calibration-file")
+            nsamples, seqlen, tasks, limit = _sample_and_eval_inputs(page, limits, "LAMBADA passages / "
+                                                                     "WikiText-2 windows")
+        with gr.Row():
+            prune_button = gr.Button("Run", variant="primary", elem_id="prune-button")
+            cancel_button = gr.Button("Cancel", variant="stop", elem_id="prune-cancel")
+        prune_status = gr.Markdown(elem_id="prune-status")
+        # metric, dense, pruned and change lead (rounded on screen; the copy button and the API get
+        # every digit); the context columns follow and scroll
+        summary = gr.Dataframe(pd.DataFrame(columns=report.RESULTS_COLUMNS), label="dense vs pruned",
+                               interactive=False, wrap=True, elem_id="summary",
+                               pinned_columns=1, column_widths=["220px", "90px", "90px", "220px", "150px", "110px",
+                                                                "120px", "120px", "100px", "170px", "200px"],
+                               buttons=["copy", "fullscreen"])
+        with gr.Row():
+            heatmap = _figure_box("sparsity per block and module (counted)", "heatmap")
+            with gr.Column():
+                # every layer, searchable by typing; opens on the most pruned one
+                layer = gr.Dropdown([], label="mask of layer (type to search)", elem_id="zoom-layer",
+                                    filterable=True, num_choices_shown=None)
+                mask_plot = _figure_box("mask zoom", "mask-zoom")
+        with gr.Row():
+            error_plot = _figure_box("relative output error per layer", "error-heatmap")
+            timings = gr.Dataframe(label="timings (s)", interactive=False, elem_id="timings")
+        pattern.change(on_pattern, [pattern, method], [method, scope, sparsity], api_visibility="private")
+        prune_button.click(
+            on_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit,
+                        calibration_file],
+            [prune_status, summary, heatmap, mask_plot, error_plot, timings, layer, model_line],
+            api_name="prune", concurrency_id=WORK, show_progress_on=prune_status)
+        # .input, not .change: a prune sets the dropdown and already sends that layer's mask.
+        layer.input(zoom, [session, layer], mask_plot, api_name="zoom", concurrency_limit=None)
+        cancel_button.click(cancel, session, prune_status, api_name="cancel", queue=False)
+
+
+def _sweep_tab(page: _Page) -> None:
+    """Sweep: accuracy vs sparsity over methods and patterns, drawn point by point."""
+    limits = page.limits
+    calibration_info = page.calibration_info
+    session = page.session
+    model_line = page.model_line
+    with gr.Tab("Sweep", id="sweep"):
+        with gr.Row():
+            sweep_methods = gr.CheckboxGroup(choices.sweep_methods(), value=["magnitude", "wanda"],
+                                             label="methods")
+            sweep_sparsities = gr.Textbox("0.3, 0.5", label="unstructured sparsities",
+                                          info="comma-separated, in [0, 1)")
+            sweep_nm = gr.CheckboxGroup(list(choices.NM_PATTERNS), value=[], label="N:M points")
+            sweep_mode = gr.Radio(choices.sweep_modes(), value="exact", label="mode",
+                                  info="fast: dense statistics once, reused for every point")
+            sweep_scope = gr.Radio(SCOPES, value="all", label="scope")
+        with gr.Row():
+            sweep_calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
+                                            label="calibration data", info=calibration_info)
+            sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit = _sample_and_eval_inputs(page, limits)
+        with gr.Row():
+            sweep_backend = gr.Radio(choices.sweep_backends(), value="local", label="run on",
+                                     info="ray: every point a Ray task on the cluster at the address",
+                                     visible=not limits.public)
+            sweep_address = gr.Textbox(os.environ.get("RAY_ADDRESS", ""), label="Ray address",
+                                       placeholder="auto, ray://host:10001", visible=not limits.public)
+        with gr.Row():
+            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
+            sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+        sweep_status = gr.Markdown(elem_id="sweep-status")
+        curve = _figure_box("accuracy vs sparsity", "curve")
+        sweep_table = gr.Dataframe(label="points", interactive=False, elem_id="sweep-table")
+        sweep_button.click(
+            on_sweep, [session, sweep_methods, sweep_sparsities, sweep_nm, sweep_mode, sweep_scope,
+                        sweep_calibration, sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit,
+                        sweep_backend, sweep_address],
+            [sweep_status, sweep_table, curve, model_line], api_name="sweep", concurrency_id=WORK,
+            show_progress_on=sweep_status)
+        sweep_cancel.click(cancel, session, sweep_status, api_name="cancel_sweep", queue=False)
+
+
+def _compare_tab(page: _Page) -> None:
+    """Compare: dense and pruned side by side on a prompt, and stored runs against each other."""
+    limits = page.limits
+    session = page.session
+    with gr.Tab("Compare", id="compare"):
+        with gr.Row():
+            prompt = gr.Textbox("The capital of France is", label="prompt", lines=2, scale=4)
+            max_new = gr.Slider(1, limits.max_new_tokens or 512, value=min(32, limits.max_new_tokens or 32),
+                                step=1, label="new tokens", scale=1)
+        generate_button = gr.Button("Generate with both", variant="primary", elem_id="generate-button")
+        with gr.Row():
+            dense_text = gr.Textbox(label="dense", lines=5, interactive=False, elem_id="dense-text")
+            pruned_text = gr.Textbox(label="pruned", lines=5, interactive=False, elem_id="pruned-text")
+        generate_button.click(generate, [session, prompt, max_new], [dense_text, pruned_text],
+                              api_name="generate", concurrency_id=WORK, show_progress_on=pruned_text)
+        gr.Markdown("### Runs in the store")
+        refresh = gr.Button("Refresh")
+        runs = gr.Dataframe(label="runs", interactive=False, elem_id="runs")
+        chosen = gr.CheckboxGroup([], label="runs to compare")
+        with gr.Row():
+            kinds = gr.CheckboxGroup(list(report.METRIC_KINDS), value=list(report.METRIC_KINDS),
+                                     label="metrics to compare", elem_id="compare-metrics")
+            compare_button = gr.Button("Compare runs")
+        compared = gr.Dataframe(label="chosen metrics by run and point", interactive=False, elem_id="compared")
+        compared_plot = _figure_box("chosen metrics by run", "compared-plot")
+        with gr.Accordion("every column, full precision", open=False):
+            compared_all = gr.Dataframe(label="side by side", interactive=False, elem_id="compared-all",
+                                        buttons=["copy", "fullscreen"])
+        refresh.click(list_runs, session, [runs, chosen], api_name="runs", concurrency_limit=None)
+        compare_button.click(compare_runs, [session, chosen], compared_all, api_name="compare_runs",
+                             concurrency_limit=None, show_progress_on=compared).success(
+            show_comparison, [compared_all, kinds], [compared, compared_plot], api_visibility="private",
+            concurrency_limit=None)
+
+
+def _export_tab(page: _Page, loaded: gr.events.Dependency) -> None:
+    """Export: the pruned model as files and a zip, with its model card."""
+    session = page.session
+    with gr.Tab("Export", id="export"):
+        with gr.Row():
+            formats = gr.CheckboxGroup(choices.export_formats(), value=["masked"], label="formats")
+            export_name = gr.Textbox(label="name", placeholder="derived from model, method and pattern")
+            overwrite = gr.Checkbox(False, label="overwrite an existing export")
+            make_zip = gr.Checkbox(True, label="also write a zip download", elem_id="export-zip",
+                                   info="ticked for models up to 500 MB; the folder is always written")
+            uniform = gr.Checkbox(False, label="uniform slimming", elem_id="export-uniform",
+                                  info="'slimmed': every block the same width, so stock transformers load it")
+        export_button = gr.Button("Export", variant="primary", elem_id="export-button")
+        export_status = gr.Markdown(elem_id="export-status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                download = gr.File(label="download (zip)", elem_id="download")
+                sizes = gr.Dataframe(label="sizes", interactive=False)
+            with gr.Column(scale=2):
+                card = gr.Markdown(label="model card", elem_id="model-card")
+        export_button.click(on_export, [session, formats, export_name, overwrite, make_zip, uniform],
+                            [export_status, download, card, sizes], api_name="export", concurrency_id=WORK,
+                            show_progress_on=export_status)
+        loaded.success(zip_default, session, make_zip, api_visibility="private")
+
+
 def build_app() -> gr.Blocks:
     """The Blocks; nothing heavy happens until a user loads a model."""
-    methods = workflow.available_methods()
+    methods = choices.methods()
     limits = app_limits()
     calibration_info = "a name" if limits.public else "a name, or a .txt/.jsonl path"
     with gr.Blocks(title="Prune workbench") as demo:
         session = gr.State(functools.partial(new_session, limits), delete_callback=workflow.free)
         gr.Markdown(INTRO)
         model_line = gr.Markdown(_model_line(workflow.Session()), elem_id="model-line")
-
-        with gr.Tab("Model", id="model"):
-            with gr.Row():
-                with gr.Column(scale=2):
-                    source_kind = gr.Radio(SOURCE_CHOICES, value="bundled default", label="model source")
-                    source_text = gr.Textbox(label="hub id, folder or .gguf path", visible=False,
-                                             elem_id="source-text")
-                    upload = gr.File(label=".gguf file", file_types=[".gguf"], visible=False)
-                    dtype = gr.Dropdown(["fp32", "bf16", "fp16"], value="fp32", label="dtype")
-                    load_button = gr.Button("Load model", variant="primary", elem_id="load-button")
-                    load_status = gr.Markdown(elem_id="load-status")
-                with gr.Column(scale=3):
-                    info = gr.Dataframe(headers=["property", "value"], label="model", interactive=False,
-                                        elem_id="model-info")
-            source_kind.change(on_source_kind, source_kind, [source_text, upload], api_visibility="private")
-            load_button.click(load_model, [session, source_kind, source_text, upload, dtype],
-                              [load_status, info, model_line], api_name="load", concurrency_id=WORK)
-
-        with gr.Tab("Prune", id="prune"):
-            with gr.Row():
-                method = gr.Dropdown(methods, value="sparsegpt", label="method")
-                pattern = gr.Dropdown(PATTERNS, value="2:4", label="pattern", allow_custom_value=True,
-                                      info="unstructured, N:M (e.g. 2:4, 4:8), channel or head")
-                # a number box, not a slider: a slider clamps a typed 1.5 to its maximum without a word,
-                # while the core refuses it with a message
-                sparsity = gr.Number(0.5, step=0.05, label="target sparsity (fixed by N:M)", interactive=False,
-                                     info="fraction in [0, 1)")
-                scope = gr.Radio(SCOPES, value="all", label="scope")
-            with gr.Row():
-                with gr.Column(min_width=160):
-                    calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
-                                              label="calibration data", info=calibration_info)
-                    calibration_file = gr.File(label="or upload calibration text (.txt/.jsonl)",
-                                               file_types=[".txt", ".jsonl"], elem_id="calibration-file")
-                nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
-                                     label="calibration samples", info=_bound(limits.max_nsamples))
-                seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
-                                   info=_bound(limits.max_seqlen))
-                tasks = gr.Dropdown(EVAL_TASKS, value=["lambada"], multiselect=True, allow_custom_value=True,
-                                        label="evaluation", info=EVAL_INFO)
-                limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
-                                  info="LAMBADA passages / WikiText-2 windows" + _bound(limits.max_eval, ", "))
-            with gr.Row():
-                prune_button = gr.Button("Run", variant="primary", elem_id="prune-button")
-                cancel_button = gr.Button("Cancel", variant="stop", elem_id="prune-cancel")
-            prune_status = gr.Markdown(elem_id="prune-status")
-            summary = gr.Dataframe(label="dense vs sparse", interactive=False, wrap=True, elem_id="summary")
-            with gr.Row():
-                heatmap = _figure_box("sparsity per block and module (counted)", "heatmap")
-                with gr.Column():
-                    layer = gr.Dropdown([], label="mask of layer", elem_id="zoom-layer")
-                    mask_plot = _figure_box("mask zoom", "mask-zoom")
-            with gr.Row():
-                error_plot = _figure_box("relative output error per layer", "error-heatmap")
-                timings = gr.Dataframe(label="timings (s)", interactive=False, elem_id="timings")
-            pattern.change(on_pattern, [pattern, method], [method, scope, sparsity], api_visibility="private")
-            prune_button.click(
-                run_prune, [session, method, pattern, sparsity, scope, calibration, nsamples, seqlen, tasks, limit,
-                            calibration_file],
-                [prune_status, summary, heatmap, mask_plot, error_plot, timings, layer, model_line],
-                api_name="prune", concurrency_id=WORK)
-            # .input, not .change: a prune sets the dropdown and already sends that layer's mask.
-            layer.input(zoom, [session, layer], mask_plot, api_name="zoom", concurrency_limit=None)
-            cancel_button.click(cancel, session, prune_status, api_name="cancel", queue=False)
-
-        with gr.Tab("Sweep", id="sweep"):
-            with gr.Row():
-                sweep_methods = gr.CheckboxGroup(sweep_methods_available(), value=["magnitude", "wanda"],
-                                                 label="methods")
-                sweep_sparsities = gr.Textbox("0.3, 0.5", label="unstructured sparsities",
-                                              info="comma-separated, in [0, 1)")
-                sweep_nm = gr.CheckboxGroup(["2:4", "4:8"], value=[], label="N:M points")
-                sweep_mode = gr.Radio(["exact", "fast"], value="exact", label="mode",
-                                      info="fast: dense statistics once, reused for every point")
-                sweep_scope = gr.Radio(SCOPES, value="all", label="scope")
-            with gr.Row():
-                sweep_calibration = gr.Dropdown(CALIBRATION_SOURCES, value="wikitext2", allow_custom_value=True,
-                                                label="calibration data", info=calibration_info)
-                sweep_nsamples = gr.Number(workflow.INTERACTIVE_NSAMPLES, precision=0, minimum=1,
-                                           label="calibration samples", info=_bound(limits.max_nsamples))
-                sweep_seqlen = gr.Number(workflow.INTERACTIVE_SEQLEN, precision=0, minimum=8, label="tokens per sample",
-                                         info=_bound(limits.max_seqlen))
-                sweep_tasks = gr.Dropdown(EVAL_TASKS, value=["lambada"], multiselect=True, allow_custom_value=True,
-                                        label="evaluation", info=EVAL_INFO)
-                sweep_limit = gr.Number(32, precision=0, minimum=1, label="evaluation size",
-                                        info=_bound(limits.max_eval))
-            with gr.Row():
-                sweep_backend = gr.Radio(["local", "ray"], value="local", label="run on",
-                                         info="ray: every point a Ray task on the cluster at the address",
-                                         visible=not limits.public)
-                sweep_address = gr.Textbox(os.environ.get("RAY_ADDRESS", ""), label="Ray address",
-                                           placeholder="auto, ray://host:10001", visible=not limits.public)
-            with gr.Row():
-                sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
-                sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
-            sweep_status = gr.Markdown(elem_id="sweep-status")
-            curve = _figure_box("accuracy vs sparsity", "curve")
-            sweep_table = gr.Dataframe(label="points", interactive=False, elem_id="sweep-table")
-            sweep_button.click(
-                run_sweep, [session, sweep_methods, sweep_sparsities, sweep_nm, sweep_mode, sweep_scope,
-                            sweep_calibration, sweep_nsamples, sweep_seqlen, sweep_tasks, sweep_limit,
-                            sweep_backend, sweep_address],
-                [sweep_status, sweep_table, curve, model_line], api_name="sweep", concurrency_id=WORK)
-            sweep_cancel.click(cancel, session, sweep_status, api_name="cancel_sweep", queue=False)
-
-        with gr.Tab("Compare", id="compare"):
-            with gr.Row():
-                prompt = gr.Textbox("The capital of France is", label="prompt", lines=2, scale=4)
-                max_new = gr.Slider(1, limits.max_new_tokens or 512, value=min(32, limits.max_new_tokens or 32),
-                                    step=1, label="new tokens", scale=1)
-            generate_button = gr.Button("Generate with both", variant="primary", elem_id="generate-button")
-            with gr.Row():
-                dense_text = gr.Textbox(label="dense", lines=5, interactive=False, elem_id="dense-text")
-                pruned_text = gr.Textbox(label="pruned", lines=5, interactive=False, elem_id="pruned-text")
-            generate_button.click(generate, [session, prompt, max_new], [dense_text, pruned_text],
-                                  api_name="generate", concurrency_id=WORK)
-            gr.Markdown("### Runs in the store")
-            refresh = gr.Button("Refresh")
-            runs = gr.Dataframe(label="runs", interactive=False, elem_id="runs")
-            chosen = gr.CheckboxGroup([], label="runs to compare")
-            compare_button = gr.Button("Compare runs")
-            compared = gr.Dataframe(label="side by side", interactive=False, elem_id="compared")
-            refresh.click(list_runs, session, [runs, chosen], api_name="runs", concurrency_limit=None)
-            compare_button.click(compare_runs, [session, chosen], compared, api_name="compare_runs",
-                                 concurrency_limit=None)
-
-        with gr.Tab("Export", id="export"):
-            with gr.Row():
-                formats = gr.CheckboxGroup(export_formats(), value=["masked"], label="formats")
-                export_name = gr.Textbox(label="name", placeholder="derived from model, method and pattern")
-                overwrite = gr.Checkbox(False, label="overwrite an existing export")
-            export_button = gr.Button("Export", variant="primary", elem_id="export-button")
-            export_status = gr.Markdown(elem_id="export-status")
-            with gr.Row():
-                with gr.Column(scale=1):
-                    download = gr.File(label="download (zip)", elem_id="download")
-                    sizes = gr.Dataframe(label="sizes", interactive=False)
-                with gr.Column(scale=2):
-                    card = gr.Markdown(label="model card", elem_id="model-card")
-            export_button.click(export, [session, formats, export_name, overwrite],
-                                [export_status, download, card, sizes], api_name="export", concurrency_id=WORK)
+        page = _Page(session, model_line, limits, methods, calibration_info)
+        loaded = _model_tab(page)
+        _prune_tab(page)
+        _sweep_tab(page)
+        _compare_tab(page)
+        _export_tab(page, loaded)
+        demo.unload(close_tab)
+        # lm-eval's task list is indexed in the background from now; each page gets it when ready
+        task_list().start()
+        demo.load(installed_task_choices(len(page.task_pickers)), None, page.task_pickers, concurrency_limit=None,
+                  show_progress="hidden", api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency())
     if limits.session_jobs:
         limit_jobs_per_session(demo, limits.session_jobs)
@@ -620,18 +764,18 @@ def limit_jobs_per_session(demo: gr.Blocks, limit: int) -> None:
 def launch(demo: gr.Blocks | None = None, **kwargs):
     """Start the server; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens.
 
-    Locally the export folder is served directly; in public mode it is not (another session
-    could fetch an export by its path): each zip is handed out through Gradio's cache instead."""
+    Locally the export folder is served directly, in place; in public mode it is not (another
+    session could fetch an export by its path): each zip is linked into Gradio's cache under an
+    unguessable name instead (workbench.ui.downloads)."""
     demo = demo or build_app()
     kwargs.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     kwargs.setdefault("server_port", int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     limits = getattr(demo, "workbench_limits", None) or app_limits()
     if not limits.public:
+        from workbench.ui.downloads import serve_from_static
+
         kwargs.setdefault("allowed_paths", [str(exports_root())])
-    elif not limits.allows_path(exports_root(), (Path(tempfile.gettempdir()), Path.cwd())):
-        # Gradio copies a download into its cache only from these two places
-        raise LimitError(f"WORKBENCH_EXPORTS={exports_root()} cannot be handed out in public mode: choose a "
-                         f"folder under {tempfile.gettempdir()} or under the app's folder {Path.cwd()}")
+        serve_from_static(exports_root())  # a zip of gigabytes is not copied into Gradio's cache
     kwargs.setdefault("theme", gr.themes.Soft())
     kwargs.setdefault("footer_links", ["api", "gradio"])
     return demo.launch(**kwargs)

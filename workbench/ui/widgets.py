@@ -36,22 +36,16 @@ except ImportError as error:  # the core and the Gradio app do not need it
     ) from error
 
 import pandas as pd
+from IPython.display import display
 
-from workbench import plots, workflow
-from workbench.evaluate import PRESETS, TASKS
+from workbench import plots, report, workflow
 from workbench.limits import Limits
-from workbench.patterns import PatternError, parse_pattern
+from workbench.patterns import PatternError
 from workbench.prune import PruneCancelled
-from workbench.structured import KIND_SCOPE
+from workbench.ui import choices
 
 log = logging.getLogger(__name__)
 
-PATTERNS = ["unstructured", "2:4", "4:8", "channel", "head"]
-SCOPES = ["all", "mlp", "attention"]
-NM_PATTERNS = ["2:4", "4:8"]
-MODEL_SUGGESTIONS = ["default", "HuggingFaceTB/SmolLM2-135M", "facebook/opt-125m"]
-CALIBRATION_SOURCES = ["wikitext2", "pile10k", "c4", "lambada"]
-EXPORT_FORMATS = ["masked", "compact", "slimmed"]
 FIGURE_DPI = 90
 
 
@@ -60,22 +54,33 @@ def figure_png(figure) -> bytes:
     return plots.png_bytes(figure, dpi=FIGURE_DPI)
 
 
+TABLE_STYLES = [{"selector": "th", "props": "text-align: left; padding: 2px 8px; background: #f3f3f3"},
+                {"selector": "td", "props": "padding: 2px 8px"}]
+
+
 def table_html(frame: pd.DataFrame, number_format: str = "{:.4f}") -> str:
     """A DataFrame as a compact styled HTML table (index hidden, floats rounded)."""
     if frame is None or frame.empty:
         return "<i>(empty)</i>"
     floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
-    styler = (frame.style.hide(axis="index").format(number_format, subset=floats, na_rep="-")
-              .set_table_styles([
-                  {"selector": "th", "props": "text-align: left; padding: 2px 8px; background: #f3f3f3"},
-                  {"selector": "td", "props": "padding: 2px 8px"},
-              ]))
-    return styler.to_html()
+    return _styled_html(frame.style.hide(axis="index").format(number_format, subset=floats, na_rep="-"))
+
+
+def _styled_html(styler) -> str:
+    return styler.set_table_styles(TABLE_STYLES).to_html()
 
 
 def _message(kind: str, text: str) -> str:
     colours = {"error": "#b00020", "ok": "#1b5e20", "info": "#333"}
     return f'<div style="color: {colours[kind]}; white-space: pre-wrap">{html.escape(text)}</div>'
+
+
+def _with_installed(listed: list[str], wait: float | None = 0.0) -> list[str]:
+    """`listed` plus every installed lm-eval task (as lm-eval:NAME) once lm-eval's task list is ready."""
+    from workbench.lmeval import PREFIX, installed_task_names
+
+    names = installed_task_names(wait)
+    return list(dict.fromkeys([*listed, *(PREFIX + name for name in names or ())]))
 
 
 class Workbench:
@@ -112,73 +117,105 @@ class Workbench:
 
     def _build(self, model, method, pattern, sparsity, scope, calibration, nsamples, seqlen, eval_tasks,
                eval_limit, export_root) -> None:
-        wide = W.Layout(width="340px")
+        self._build_model(model)
+        self._build_settings(method, pattern, sparsity, scope, calibration, nsamples, seqlen, eval_tasks, eval_limit)
+        self._build_run_bar()
+        self._build_results()
+        self._build_sweep()
+        self._build_export(export_root)
+        self._build_layout()
+        self._connect()
+
+    def _build_model(self, model) -> None:
+        """The model picker, its Load button and what was loaded."""
         label = {"description_width": "110px"}
-        self.model_picker = W.Combobox(value=model, options=MODEL_SUGGESTIONS, ensure_option=False,
+        self.model_picker = W.Combobox(value=model, options=list(choices.MODEL_SUGGESTIONS), ensure_option=False,
                                        description="model", placeholder="default, hub id, folder or .gguf",
                                        layout=W.Layout(width="460px"), style=label)
         self.load_button = W.Button(description="Load", icon="download", tooltip="load the model now")
         self.model_status = W.HTML(_message("info", "No model loaded yet (Run loads it)."))
 
-        methods = workflow.available_methods()
+    def _build_settings(self, method, pattern, sparsity, scope, calibration, nsamples, seqlen, eval_tasks,
+                        eval_limit) -> None:
+        """Method, pattern, sparsity, scope, calibration and evaluation."""
+        wide = W.Layout(width="340px")
+        label = {"description_width": "110px"}
+        methods = choices.methods()
         self.method = W.Dropdown(options=methods, value=method if method in methods else methods[0],
                                  description="method", layout=wide, style=label)
-        self.pattern = W.Dropdown(options=PATTERNS if pattern in PATTERNS else [*PATTERNS, pattern],
+        patterns = list(dict.fromkeys([*choices.PATTERNS, pattern]))  # a typed pattern joins the list
+        self.pattern = W.Dropdown(options=patterns,
                                   value=pattern, description="pattern", layout=wide, style=label)
         # unbounded text, not a slider: a slider clamps out-of-range values silently; the core refuses them
         self.sparsity = W.FloatText(value=sparsity, step=0.05, description="sparsity", layout=wide, style=label)
-        self.scope = W.Dropdown(options=SCOPES, value=scope, description="scope", layout=wide, style=label)
-        self.calibration = W.Combobox(value=calibration, options=CALIBRATION_SOURCES, ensure_option=False,
+        self.scope = W.Dropdown(options=choices.scopes(), value=scope, description="scope", layout=wide, style=label)
+        self.calibration = W.Combobox(value=calibration, options=choices.calibration_sources(), ensure_option=False,
                                       description="calibration", layout=wide, style=label)
         self.nsamples = W.IntText(value=nsamples, description="windows", layout=wide, style=label,
                                   tooltip="calibration windows")
         self.seqlen = W.IntText(value=seqlen, description="tokens/window", layout=wide, style=label)
-        listed = [*TASKS, "zero-shot", *PRESETS["zero-shot"]]
+        listed = _with_installed(choices.eval_tasks())  # every installed lm-eval task once its list is ready
         typed = [name for name in eval_tasks if name not in listed]  # any other lm-eval:NAME goes in the text box
         self.eval_tasks = W.SelectMultiple(options=listed, value=tuple(n for n in eval_tasks if n in listed), rows=4,
                                            description="evaluate", layout=wide, style=label)
+        if listed == choices.eval_tasks():  # lm-eval's tasks are still being indexed: add them when they are
+            threading.Thread(target=self._list_installed_tasks, name="workbench-task-list", daemon=True).start()
         self.eval_more = W.Text(value=", ".join(typed), placeholder="lm-eval:NAME, ... (any installed task)",
                                 description="more tasks", layout=wide, style=label)
         self.eval_limit = W.IntText(value=eval_limit or 0, description="eval size", layout=wide, style=label,
                                     tooltip="LAMBADA passages / WikiText-2 windows; 0 = the full sets")
 
+    def _build_run_bar(self) -> None:
+        """Run, Cancel, the progress bar and the message line."""
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop", disabled=True)
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(width="300px"))
         self.status = W.Label("")
         self.message = W.HTML("")
 
+    def _build_results(self) -> None:
+        """The figures, the mask zoom with its layer picker, the results table."""
         figure_box = W.Layout(max_width="760px")
         self.heatmap = W.Image(format="png", layout=figure_box)
-        self.zoom_layer = W.Dropdown(options=[], description="layer", layout=W.Layout(width="460px"))
+        # every layer, searchable by typing; opens on the most pruned one
+        self.zoom_layer = W.Combobox(options=[], value="", ensure_option=True, description="layer",
+                                     placeholder="type to search the layers", layout=W.Layout(width="460px"))
         self.zoom = W.Image(format="png", layout=W.Layout(max_width="480px"))
         self.error_heatmap = W.Image(format="png", layout=figure_box)
         self.summary = W.HTML("<i>Run a pruning to see the table.</i>")
         self.timings = W.HTML("")
 
-        self.sweep_methods = W.SelectMultiple(options=list(workflow_methods()), value=("magnitude", "wanda"),
+    def _build_sweep(self) -> None:
+        """The sweep's settings, curve and table."""
+        label = {"description_width": "110px"}
+        self.sweep_methods = W.SelectMultiple(options=choices.sweep_methods(), value=("magnitude", "wanda"),
                                               rows=3, description="methods", style=label)
         self.sweep_sparsities = W.Text(value="0.3, 0.5, 0.7", description="sparsities", style=label)
-        self.sweep_nm = W.SelectMultiple(options=NM_PATTERNS, value=(), rows=2, description="N:M points",
+        self.sweep_nm = W.SelectMultiple(options=list(choices.NM_PATTERNS), value=(), rows=2, description="N:M points",
                                          style=label)
-        self.sweep_mode = W.Dropdown(options=["exact", "fast"], value="exact", description="mode", style=label)
-        self.sweep_backend = W.Dropdown(options=["local", "ray"], value="local", description="run on", style=label,
-                                        tooltip="ray: every point a Ray task on the cluster at the address")
+        self.sweep_mode = W.Dropdown(options=choices.sweep_modes(), value="exact", description="mode", style=label)
+        self.sweep_backend = W.Dropdown(options=choices.sweep_backends(), value="local", description="run on",
+                                        style=label, tooltip="ray: every point a Ray task on the cluster")
         self.sweep_address = W.Text(value=os.environ.get("RAY_ADDRESS", ""), placeholder="auto, ray://host:10001",
                                     description="Ray address", style=label)
         self.sweep_button = W.Button(description="Sweep", button_style="primary", icon="line-chart")
         self.curve = W.Image(format="png", layout=W.Layout(max_width="900px"))
         self.sweep_html = W.HTML("")
 
+    def _build_export(self, export_root) -> None:
+        """The export's folder, name, formats and result."""
+        label = {"description_width": "110px"}
         self.export_name = W.Text(value="", placeholder="(automatic)", description="name", style=label)
         self.export_root = W.Text(value=str(export_root), description="folder", style=label)
-        self.export_formats = W.SelectMultiple(options=EXPORT_FORMATS, value=("masked",), rows=3,
+        self.export_formats = W.SelectMultiple(options=choices.export_formats(), value=("masked",), rows=3,
                                                description="formats", style=label)
         self.export_overwrite = W.Checkbox(value=False, description="overwrite")
         self.export_zip = W.Checkbox(value=True, description="zip")
         self.export_button = W.Button(description="Export", icon="save")
         self.export_html = W.HTML("")
 
+    def _build_layout(self) -> None:
+        """The result tabs and the whole panel."""
         self.tabs = W.Tab(children=[
             self.heatmap,
             W.VBox([self.zoom_layer, self.zoom]),
@@ -205,6 +242,8 @@ class Workbench:
             self.tabs,
         ])
 
+    def _connect(self) -> None:
+        """Buttons and reactions."""
         self.load_button.on_click(lambda _: self.load())
         self.run_button.on_click(lambda _: self.run())
         self.cancel_button.on_click(lambda _: self.cancel())
@@ -216,10 +255,6 @@ class Workbench:
 
     def show(self) -> None:
         """Display the panel in the current notebook cell."""
-        try:
-            from IPython.display import display
-        except ImportError:
-            return
         display(self.panel)
 
     def __repr__(self) -> str:
@@ -318,7 +353,8 @@ class Workbench:
         return self.exported if not self.busy else None
 
     def cancel(self) -> None:
-        """Ask the running job to stop after the current block (the model is left dense)."""
+        """Ask the running job to stop after the current block (a stopped prune leaves the model dense,
+        a stopped sweep leaves it as it was before the sweep)."""
         if not self.busy:
             self.status.value = "Nothing is running."
             return
@@ -339,6 +375,14 @@ class Workbench:
     def _progress(self, fraction: float, message: str) -> None:
         self.progress.value = min(max(float(fraction), 0.0), 1.0)
         self.status.value = message
+
+    def _list_installed_tasks(self) -> None:
+        """Background: put every installed lm-eval task into the picker once the list is built."""
+        options = _with_installed(list(self.eval_tasks.options), wait=None)
+        if len(options) > len(self.eval_tasks.options):
+            chosen = self.eval_tasks.value
+            self.eval_tasks.options = options
+            self.eval_tasks.value = tuple(n for n in chosen if n in options)
 
     def _start(self, what: str, job: Callable[[Callable[[float, str], None]], str], wait: bool | None) -> None:
         """Run `job(progress) -> status text` in a thread (or here), showing errors in the panel."""
@@ -403,7 +447,8 @@ class Workbench:
         info = workflow.load(self.session, source, progress=progress)
         self.result = None
         facts = [info.get("class", ""), f"{info['params'] / 1e6:.1f}M parameters" if "params" in info else "",
-                 f"{info['blocks']} blocks" if "blocks" in info else "", info.get("prunable", "")]
+                 f"{info['blocks']} blocks" if "blocks" in info else "",
+                 f"not prunable: {info['unsupported']}" if "unsupported" in info else ""]
         name = "bundled SmolLM2-135M-Instruct" if info.get("kind") == "default" else info.get("resolved", source)
         self.model_status.value = _message("info", f"{name}: " + ", ".join(str(f) for f in facts if f))
         return f"Loaded {info.get('resolved', source)} in {info.get('load_s')} s"
@@ -432,10 +477,11 @@ class Workbench:
         layers = list(outcome.result.masks)
         self.zoom_layer.unobserve(self._on_zoom_layer, names="value")
         self.zoom_layer.options = layers
-        self.zoom_layer.value = outcome.zoom_layer if outcome.zoom_layer in layers else None
+        self.zoom_layer.value = outcome.zoom_layer if outcome.zoom_layer in layers else ""
         self.zoom_layer.observe(self._on_zoom_layer, names="value")
         self.zoom.value = figure_png(figures["mask_zoom"]) if figures.get("mask_zoom") is not None else b""
-        self.summary.value = table_html(outcome.table)
+        # metric, dense, pruned and change first, rounded; outcome.table keeps the seed's record
+        self.summary.value = _styled_html(report.styled(report.results_view(outcome.comparison, outcome.table)))
         self.timings.value = "<b>Timings (s)</b>" + table_html(workflow.timings_table(outcome), "{:.2f}")
         self.tabs.selected_index = 0
 
@@ -446,7 +492,8 @@ class Workbench:
         self.sweep_table = table
         self._show_sweep(table)
         stopped = " (stopped early)" if self.session.stop_requested else ""
-        return f"Sweep finished: {len(table)} points, the dense model first{stopped}"
+        kept = ". Your pruned model is unchanged: export it or compare with it" if self.session.is_pruned else ""
+        return f"Sweep finished: {len(table)} points, the dense model first{stopped}{kept}"
 
     def _show_sweep(self, table: pd.DataFrame) -> None:
         from workbench.sweep import summarize
@@ -475,27 +522,18 @@ class Workbench:
         layer = change["new"]
         if not layer or self.session.result is None or layer not in self.session.result.masks:
             return
-        self.zoom.value = figure_png(plots.mask_zoom(self.session.result.masks[layer],
-                                               title=f"{layer}: keep mask (top-left 64 x 64)"))
+        self.zoom.value = figure_png(plots.mask_zoom(self.session.result.masks[layer], layer=layer))
 
     def _on_pattern(self, change) -> None:
-        """N:M fixes the sparsity; channel/head are the structured pipeline with its own scope."""
-        try:
-            pattern = parse_pattern(change["new"])
-        except PatternError:
+        """N:M fixes the sparsity; channel/head set the scope and a method that removes whole units
+        (`choices.pattern_reaction`, shared with the browser app)."""
+        reaction = choices.pattern_reaction(change["new"], self.method.value, list(self.method.options))
+        if reaction is None:  # a pattern that does not parse: Run says why
             return
-        self.sparsity.disabled = pattern.fixed_sparsity is not None
-        if pattern.structured:
-            self.scope.value = KIND_SCOPE[pattern.kind]
-            if "retrain-free" in self.method.options:
-                self.method.value = "retrain-free"
-        elif self.method.value == "retrain-free":
-            self.method.value = "sparsegpt"
-            self.scope.value = "all"
-
-
-def workflow_methods() -> list[str]:
-    """Element-wise methods a sweep can use."""
-    from workbench.methods import METHODS
-
-    return list(METHODS)
+        self.sparsity.disabled = reaction.fixed_sparsity is not None
+        if reaction.fixed_sparsity is not None:
+            self.sparsity.value = reaction.fixed_sparsity
+        if reaction.method is not None:
+            self.method.value = reaction.method
+        if reaction.scope is not None:
+            self.scope.value = reaction.scope
