@@ -41,11 +41,17 @@ def browser():
             chromium.close()
 
 
-@pytest.fixture()
-def page(browser, request):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def new_page(browser, width: int = 1400, height: int = 1000):
+    """A fresh browser context (its own cookies, so its own app session) and its page."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    return context, page
+
+
+@pytest.fixture()
+def page(browser, request):
+    context, page = new_page(browser)
     failures = request.session.testsfailed
     yield page
     if request.session.testsfailed > failures:  # keep what the browser showed when it failed

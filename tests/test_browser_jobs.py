@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_browser import CHROMIUM_ARGS, expect_text, fill_number, load, open_tab, playwright_api, start
+from test_browser import browser, expect_text, fill_number, load, new_page, open_tab, playwright_api, start  # noqa: F401
 from test_gradio_app import folders, serve_app  # noqa: F401 - fixtures shared with the API tests
 
 from workbench.ui import gradio_app, tabs
@@ -34,23 +34,6 @@ def app(tmp_path_factory):
     """One job at a time on the whole server: an abandoned job would hold up everyone else."""
     with serve_app(tmp_path_factory, WORKBENCH_CONCURRENCY="1", WORKBENCH_JOB_SECONDS="0") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def new_page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    return context, page
 
 
 def wait_for(condition, what: str, seconds: float = 300.0):
@@ -175,7 +158,7 @@ def test_an_abandoned_sweep_stops_when_its_tab_closes(tmp_path):
     sweep.close()
 
 
-def test_the_evaluation_picker_offers_every_installed_lm_eval_task(browser, app):
+def test_the_evaluation_picker_offers_every_installed_lm_eval_task(browser, app):  # noqa: F811
     from workbench.lmeval import installed_task_names
 
     context, page = new_page(browser)

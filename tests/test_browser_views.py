@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import char_tokenizer
-from test_browser import CHROMIUM, CHROMIUM_ARGS, expect_text, fill_number, playwright_api, shot, start
+from test_browser import browser, expect_text, fill_number, playwright_api, shot, start  # noqa: F401
+from test_browser import new_page as browser_page
 from test_gradio_app import serve_app
 from tiny_models import tiny_model
 
@@ -31,31 +32,18 @@ def folder(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 def open_tab(page, name: str) -> None:
     tab = page.get_by_role("tab", name=name, exact=True)
     tab.click(no_wait_after=True)  # Gradio notes the tab in the address; nothing to wait for
     playwright_api.expect(tab).to_have_attribute("aria-selected", "true")
 
 
-def new_page(browser):
-    context = browser.new_context(viewport={"width": WIDTH, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    return context, page
+def new_page(browser):  # noqa: F811
+    return browser_page(browser, width=WIDTH, height=900)
 
 
 @pytest.fixture(scope="module")
-def pruned_page(browser, app_url, folder):
+def pruned_page(browser, app_url, folder):  # noqa: F811
     """One page with the zeroed tiny model pruned by Wanda at 2:4, evaluated on two passages."""
     context, page = new_page(browser)
     start(page, app_url)
@@ -106,7 +94,7 @@ def test_layer_picker_lists_every_layer_and_opens_on_the_most_pruned(pruned_page
     shot(page, "views-layer-picker")
 
 
-def test_out_of_range_sparsity_is_refused_with_a_message(browser, app_url):
+def test_out_of_range_sparsity_is_refused_with_a_message(browser, app_url):  # noqa: F811
     context, page = new_page(browser)
     try:
         start(page, app_url)
