@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_workflow
 import torch
 import torch.nn.functional as F
-from test_workflow import save_tiny
 from tiny_models import tiny_model, token_batch
 
 from workbench import snapshot, workflow
@@ -16,6 +16,9 @@ from workbench.prune import CalibrationCache, PruneConfig, collect_dense_stats, 
 from workbench.runs import load_run
 from workbench.slim import slim_model
 from workbench.sweep import SweepConfig, restore_weights, run_sweep, snapshot_weights
+
+tiny_folder = test_workflow.tiny_folder  # the workflow tests' fixtures: a tiny llama folder, a session on it
+session = test_workflow.session
 
 CALIB = token_batch(8, 16)
 EVAL = token_batch(4, 16, seed=1)
@@ -312,18 +315,6 @@ class CountingTake:
         self.calls += 1
         self.bytes += snapshot.nbytes(copy)
         return copy
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> str:
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture()
-def session(tiny_folder) -> workflow.Session:
-    session = workflow.Session()
-    workflow.load(session, tiny_folder)
-    return session
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ the user. The Gradio app and the notebook widgets are thin layers over them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import queue
@@ -276,11 +277,8 @@ def evaluate_dense(session: Session, tasks: Sequence[str], limit: int | None,
         return session.dense_eval
     if session.is_pruned and snapshot.mismatches(session.model, session.dense_state):
         restore_dense(session)  # slimmed: the dense weights no longer fit, so the model is reloaded
-    if session.is_pruned:  # score the dense weights, then put the pruned ones back
-        with dense_weights_in(session):
-            session.dense_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
-                                          progress=progress, data_dir=session.data_dir)
-    else:
+    # a pruned session scores the dense weights, then gets its pruned ones back
+    with dense_weights_in(session) if session.is_pruned else contextlib.nullcontext():
         session.dense_eval = evaluate(session.model, session.tokenizer, tasks=tasks, limit=limit,
                                       progress=progress, data_dir=session.data_dir)
     session.dense_eval_key = key
