@@ -9,6 +9,7 @@ of one per layer. Other methods, and layers without statistics, are solved one a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,9 @@ from workbench.patterns import Pattern
 # Blocks up to this many weights (a 1B model's; a 7B block has ~200M) solve their groups
 # concurrently, holding every group's dense and solved copies at once.
 CONCURRENT_MAX_WEIGHTS = 64 * 2**20
+# torch's thread count is process-wide: prunes running side by side (two app sessions) take turns
+# here, so each one restores the count it found rather than another prune's 1.
+_THREAD_COUNT_LOCK = threading.Lock()
 
 
 def input_groups(linears: list[LinearInfo], stats: dict) -> list[list[LinearInfo]]:
@@ -90,16 +94,17 @@ def _solve_concurrently(joint: Callable, groups: list[list[LinearInfo]], stats: 
         cols, rows = in_out_features(group[0].module)[0], sum(in_out_features(lin.module)[1] for lin in group)
         return cols**3 + rows * cols**2
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="solve") as pool:
-            futures = {id(group): pool.submit(_solve_group, joint, group, stats.get(group[0].full_name),
-                                              pattern, target, options, measured)
-                       for group in sorted(groups, key=cost, reverse=True)}
-            return [item for group in groups for item in futures[id(group)].result()]
-    finally:
-        torch.set_num_threads(threads)
+    with _THREAD_COUNT_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="solve") as pool:
+                futures = {id(group): pool.submit(_solve_group, joint, group, stats.get(group[0].full_name),
+                                                  pattern, target, options, measured)
+                           for group in sorted(groups, key=cost, reverse=True)}
+                return [item for group in groups for item in futures[id(group)].result()]
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _small_cpu_block(linears: list[LinearInfo]) -> bool:
