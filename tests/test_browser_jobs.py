@@ -106,6 +106,22 @@ def test_a_tab_closed_before_its_job_registers_still_stops_it():
     assert jobs.jobs() == {}
 
 
+def test_every_job_handler_takes_the_tabs_request():
+    """Gradio hands the event's request to a parameter annotated `gr.Request`, and `_job` files the job
+    under that request's tab. An annotation that does not resolve would silently hand over nothing."""
+    import inspect
+    import typing
+
+    import gradio as gr
+
+    handlers = {name: fn for name, fn in vars(gradio_app).items()
+                if inspect.isfunction(fn) and fn.__module__ == gradio_app.__name__ and name != "_job"
+                and "_job(session" in inspect.getsource(fn)}
+    assert {"on_load", "on_prune", "on_sweep", "on_export", "generate"} <= set(handlers)
+    for name, fn in handlers.items():
+        assert typing.get_type_hints(fn).get("request") == gr.Request | None, name
+
+
 def test_export_without_zip_writes_the_folder_only(browser, app, folders):  # noqa: F811
     context, page = new_page(browser)
     try:

@@ -110,3 +110,16 @@ def test_budgeted_sweep_bad_options(tmp_path, capsys, argv, message):
     assert main(["sweep", "--out", str(tmp_path / "run"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_prune_method_help_names_every_method():
+    # the parser avoids importing torch (and so METHODS) to stay fast: its help text is written
+    # out by hand, and this keeps it equal to the methods the workbench has
+    import re
+
+    from workbench.methods import METHODS
+
+    prune_parser = build_parser()._subparsers._group_actions[0].choices["prune"]
+    help_text = next(a.help for a in prune_parser._actions if "--method" in a.option_strings)
+    named = set(re.findall(r"[a-z][a-z-]+", help_text)) - {"or", "and"}
+    assert named == set(METHODS)

@@ -244,6 +244,9 @@ def test_cancel_stops_a_running_sweep_and_keeps_finished_points(server, folders)
     deadline = time.time() + 120
     while time.time() < deadline and not job.outputs() and not job.done():
         time.sleep(0.1)
+    from workbench.ui.gradio_app import TAB_JOBS
+
+    assert TAB_JOBS.jobs()[app.session_hash].busy == "the sweep"  # filed under its tab: closing the tab stops it
     assert app.predict(api_name="/cancel_sweep").startswith("Stopping the sweep")
     status, points, curve, line = job.result()
     assert status.startswith("Sweep stopped after"), status

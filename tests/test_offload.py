@@ -307,6 +307,82 @@ def test_slimming_out_of_core_is_refused_where_it_cannot_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unslimmable_heads_are_refused_before_the_output_folder_is_made(tmp_path, capsys):
+    from conftest import char_tokenizer
+
+    from workbench.cli import main
+
+    folder = saved(tmp_path, family="bloom")  # ALiBi: its heads cannot be cut out
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    command = ["prune", "--model", str(folder), "--method", "magnitude", "--pattern", "head", "--scope",
+               "attention", "--sparsity", "0.5", "--offload", "disk", "--slim", "--out", str(out)]
+    assert main(command) != 0
+    error = capsys.readouterr().err
+    assert "removing heads from bloom models is not supported" in error and "without --slim" in error
+    assert not out.exists()
+    # a finished model in the folder is not deleted by a refused --overwrite either
+    config = PruneConfig(method="magnitude", pattern="head", scope="attention", sparsity=0.5)
+    prune_from_disk(folder, out, config)
+    before = sorted(path.name for path in out.iterdir())
+    with pytest.raises(OffloadError, match="removing heads from bloom"):
+        prune_from_disk(folder, out, config, overwrite=True, slim={})
+    assert sorted(path.name for path in out.iterdir()) == before and (out / "config.json").is_file()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stored_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(folder / file))
+    return tensors
+
+
+@pytest.mark.parametrize(("config", "slim", "stop_after", "in_memory"), [
+    (PruneConfig(method="wanda", pattern="channel", block_sparsity=[0.25, 0.5, 0.75], batch_size=4),
+     {"round_to": 8}, 1, True),
+    (PruneConfig(method="magnitude", pattern="head", scope="attention", sparsity=0.5, batch_size=4),
+     {"uniform": True}, 2, False),
+])
+def test_resumed_slimmed_prune_equals_an_uninterrupted_one(tmp_path, config, slim, stop_after, in_memory):
+    folder = saved(tmp_path)
+    whole = prune_from_disk(folder, tmp_path / "whole", config, calibration=IDS, slim=slim,
+                            activations_in_memory=in_memory)
+
+    def stop(fraction, message):
+        if round(fraction * 3) == stop_after and "time left known" not in message:
+            raise Interrupted
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        prune_from_disk(folder, out, config, calibration=IDS, slim=slim, activations_in_memory=in_memory,
+                        progress=stop)
+    assert json.loads((out / ".progress" / "progress.json").read_text())["done"] == stop_after
+    assert not (out / "config.json").exists()
+    resumed = prune_from_disk(folder, out, config, calibration=IDS, slim=slim, activations_in_memory=in_memory,
+                              resume=True)
+    assert resumed.summary == whole.summary
+    assert list(resumed.timings["block"]) == [0, 1, 2]
+    expected_config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == expected_config
+    dense = T.AutoConfig.from_pretrained(folder)
+    if config.pattern == "channel":  # per-block widths, each rounded to 8
+        sizes = expected_config["workbench_slim"]["sizes"]
+        assert len(set(sizes)) > 1 and all(s % 8 == 0 and s < dense.intermediate_size for s in sizes)
+    else:
+        assert expected_config["num_key_value_heads"] < dense.num_key_value_heads
+    expected, got = stored_tensors(tmp_path / "whole"), stored_tensors(out)
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
 def test_sparsegpt_factor_is_freed_with_its_statistics():
     # the driver drops a layer's statistics once it is solved; a 7B down_proj's factor (0.45 GiB)
     # must not outlive them in the factor cache
@@ -318,8 +394,8 @@ def test_sparsegpt_factor_is_freed_with_its_statistics():
 
     stats = InputStats(300, gram=True)
     stats.add_batch(torch.randn(500, 300))
-    upper, _ = inverse_hessian_factor(stats, 0.01)
-    assert inverse_hessian_factor(stats, 0.01)[0] is upper  # cached while the statistics live
+    upper = inverse_hessian_factor(stats, 0.01).upper
+    assert inverse_hessian_factor(stats, 0.01).upper is upper  # cached while the statistics live
     factor = weakref.ref(upper)
     del upper, stats
     gc.collect()

@@ -94,3 +94,14 @@ def test_mask_from_scores_dispatch():
                        unstructured_mask(s, 0.3, per_row=True))
     with pytest.raises(PatternError, match="structured"):
         mask_from_scores(s, Pattern("channel"), 0.5)
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy's selection or torch's
+def test_unstructured_mask_prunes_exactly_k_among_tied_scores(sparsity, dtype):
+    # few distinct values: the k-th lowest is tied with many others
+    s = torch.tensor([[3.0, 1.0, 1.0, 2.0, 1.0, 0.0], [2.0, 1.0, 3.0, 1.0, 0.0, 1.0]], dtype=dtype)
+    mask = unstructured_mask(s, sparsity)
+    k = int(s.numel() * sparsity)
+    assert int((~mask).sum()) == k
+    assert s[~mask].max() <= s[mask].min()  # nothing pruned scores above anything kept

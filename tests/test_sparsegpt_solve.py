@@ -1,17 +1,22 @@
 """The blocked SparseGPT solve against the textbook per-column loop, the shared factor, and the
 stacked solve of layers that share an input against each layer solved alone."""
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
 
 from workbench import solve_groups
 from workbench.arch import describe
+from workbench.methods import inverse_hessian
 from workbench.methods.sparsegpt import inverse_hessian_factor, sparsegpt, sparsegpt_joint
 from workbench.patterns import parse_pattern
 from workbench.prune import PruneConfig, _block_stats, capture_block_inputs, prune
 from workbench.solve_groups import input_groups
 from workbench.stats import InputStats
+
+sparsegpt_module = importlib.import_module("workbench.methods.sparsegpt")  # the package exports the function
 
 
 def textbook_sparsegpt(weight, hessian, pattern, sparsity, blocksize, percdamp=0.01):
@@ -71,9 +76,17 @@ CASES = [  # pattern, rows, cols, blocksize: partial last blocks, blocks narrowe
 ]
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def sweep(request, monkeypatch):
+    """Each test below runs with the compiled CPU sweep and with the PyTorch one other devices use."""
+    if request.param == "torch":
+        monkeypatch.setattr(sparsegpt_module, "_compiled_sweep", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("pattern, rows, cols, blocksize", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, seed):
+def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, seed, sweep):
     weight, stats = random_layer(rows, cols, seed)
     p = parse_pattern(pattern)
     expected_weight, expected_keep = textbook_sparsegpt(weight, stats.hessian(), p, 0.6, blocksize)
@@ -83,7 +96,7 @@ def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, 
     assert (new_weight[~keep] == 0).all()
 
 
-def test_dead_inputs_match_the_textbook_loop():
+def test_dead_inputs_match_the_textbook_loop(sweep):
     weight, stats = random_layer(32, 64, seed=2)
     x = torch.randn(512, 64)
     x[:, [3, 17, 40]] = 0.0  # inputs that never fire
@@ -104,7 +117,7 @@ def test_linears_sharing_statistics_share_one_factor_until_the_statistics_change
     stats.add_batch(torch.randn(64, 32))
     grown = inverse_hessian_factor(stats, 0.01)
     assert grown is not first
-    assert not torch.allclose(grown[0], first[0])
+    assert not torch.allclose(grown.upper, first.upper)
     _, other = random_layer(8, 32, seed=3)  # equal values, another object: not trusted as equal
     assert inverse_hessian_factor(other, 0.01) is not grown
 
@@ -118,7 +131,7 @@ def test_thread_count_is_restored():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 @pytest.mark.parametrize("blocksize", [16, 128])
-def test_stacked_solve_equals_each_layer_solved_alone(pattern, blocksize):
+def test_stacked_solve_equals_each_layer_solved_alone(pattern, blocksize, sweep):
     _, stats = random_layer(8, 64, seed=5)
     g = torch.Generator().manual_seed(6)
     # q, k, v of different widths; k's weights ten times larger, so a mask chosen over the stacked
@@ -180,3 +193,74 @@ def test_driver_stacked_solves_equal_per_layer_solves(family, pattern, concurren
     assert list(result.errors["name"]) == list(expected.errors["name"])
     # measured inside the stacked solves, in the driver for the per-layer ones
     assert list(result.errors["error"]) == pytest.approx(list(expected.errors["error"]), rel=1e-3)
+
+
+def test_factor_is_the_textbook_factor_and_reports_its_damping():
+    _, stats = random_layer(8, 96, seed=8)
+    hessian = stats.hessian()
+    damping = 0.01 * torch.diagonal(hessian).mean()
+    damped = hessian + damping * torch.eye(96)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    factor = inverse_hessian_factor(stats, 0.01)
+    assert torch.allclose(factor.upper, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(factor.upper, torch.triu(factor.upper))
+    assert float(factor.damping) == pytest.approx(float(damping), rel=1e-6)
+    assert torch.allclose(factor.upper.t() @ factor.upper @ damped, torch.eye(96), atol=1e-3)
+
+
+def test_factor_of_a_singular_hessian_raises_the_damping_it_reports():
+    x = torch.randn(256, 4) @ torch.randn(4, 48)  # rank 4 of 48 inputs
+    stats = InputStats(48, gram=True)
+    stats.add_batch(x)
+    hessian = stats.hessian()
+    factor = inverse_hessian_factor(stats, 1e-9)
+    assert float(factor.damping) > 1e-9 * float(torch.diagonal(hessian).mean())  # retried with more
+    def inverse_at(damping):  # float64, so only the factor's own rounding is measured
+        return torch.linalg.inv(hessian.double() + float(damping) * torch.eye(48, dtype=torch.float64))
+
+    upper = factor.upper.double()
+    found = upper.t() @ upper
+    assert torch.linalg.norm(found - inverse_at(factor.damping)) < 0.1 * torch.linalg.norm(found)
+    assert torch.linalg.norm(found - inverse_at(factor.damping / 10)) > 0.5 * torch.linalg.norm(found)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_cholesky_inverse_and_reversal_in_place(n, monkeypatch):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, generator=g)
+    spd = x.t() @ x + torch.eye(n)
+    lower = torch.linalg.cholesky(spd)
+    for lapack in (True, False):  # SciPy's LAPACK (CPU) and the torch ops other devices use
+        work = spd.clone()
+        storage = work.data_ptr()
+        assert inverse_hessian._cholesky_in_place(work, lapack)
+        assert torch.allclose(work, lower, atol=1e-4) and torch.equal(work, torch.tril(work))
+        inverse_hessian._invert_lower_in_place(work, lapack)
+        assert work.data_ptr() == storage
+        assert torch.allclose(work @ lower, torch.eye(n), atol=1e-4)
+        not_definite = -spd.clone()
+        assert not inverse_hessian._cholesky_in_place(not_definite, lapack)
+    monkeypatch.setattr(inverse_hessian, "_REVERSE_CHUNK", 5)  # many chunks, a partial last one
+    reversed_ = spd.clone()
+    inverse_hessian._reverse_in_place(reversed_)
+    assert torch.equal(reversed_, spd.flip(0, 1))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_error_energies_equal_the_error_measured_from_the_gram_matrix(pattern, sweep):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 64, generator=g) * torch.logspace(-2, 1, 64)
+    x[:, [5, 40]] = 0.0  # inputs that never fire
+    stats = InputStats(64, gram=True)
+    stats.add_batch(x)
+    weights = [torch.randn(24, 64, generator=g), torch.randn(8, 64, generator=g)]
+    energies = []
+    solved = sparsegpt_joint([w.clone() for w in weights], stats, parse_pattern(pattern), 0.5,
+                             blocksize=16, error_energies=energies)
+    assert len(energies) == 2
+    for weight, (new_weight, keep), energy in zip(weights, solved, energies):
+        delta = weight - new_weight * keep
+        direct = float(((delta @ stats.gram) * delta).sum())
+        assert energy == pytest.approx(direct, rel=1e-4)
+        assert stats.relative_error(weight, error_energy=energy) == pytest.approx(
+            stats.relative_error(weight, new_weight * keep), rel=1e-4)

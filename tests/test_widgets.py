@@ -130,6 +130,18 @@ def test_pattern_drives_method_scope_and_sparsity(tiny_folder):
     assert wb.scope.value == "all" or wb.method.value != "retrain-free"
 
 
+def press_cancel_on(wb, prefix: str) -> None:
+    """Make the panel's Cancel button be pressed when a progress message starts with `prefix`."""
+    show = wb._progress
+
+    def progress(fraction, message):
+        show(fraction, message)
+        if message.startswith(prefix):
+            wb.cancel_button.click()
+
+    wb._progress = progress
+
+
 def test_background_run_and_cancel(tiny_folder):
     wb = panel(tiny_folder, background=True)
     assert wb.run() is None or wb.result is not None  # returns at once
@@ -137,14 +149,7 @@ def test_background_run_and_cancel(tiny_folder):
     assert wb.result is not None and wb.error == ""
 
     wb.pattern.value = "unstructured"  # a different prune, restored to dense first
-    show = wb._progress
-
-    def press_cancel_after_first_block(fraction, message):
-        show(fraction, message)
-        if message.startswith("Pruning block 1/"):
-            wb.cancel_button.click()
-
-    wb._progress = press_cancel_after_first_block
+    press_cancel_on(wb, "Pruning block 1/")
     wb.run(wait=True)
     assert wb.result is None and wb.error.startswith("Cancelled")
     assert wb.status.value == "Cancelled" and wb.cancel_button.disabled
@@ -198,10 +203,23 @@ def test_sweep_draws_the_curve(tiny_folder, tmp_path):
     assert table["sparsity_blocks"].iloc[0] == 0.0 and mlp_zeros(wb.model) == pytest.approx(0.5)
     assert all(torch.equal(p, pruned[name]) for name, p in wb.model.named_parameters())
     assert wb.session.is_pruned and "pruned model is unchanged" in wb.message.value
+    assert "Sweep finished: 3 points" in wb.message.value and "stopped early" not in wb.message.value
     wb.export_root.value = str(tmp_path)
     wb.export_zip.value = False
     wb.export_button.click()
     assert wb.error == "" and (wb.exported.path / "recipe.json").is_file()
+
+
+def test_a_stopped_sweep_says_so(tiny_folder):
+    wb = panel(tiny_folder, eval_tasks=("lambada",), background=True)
+    wb.sweep_methods.value = ("magnitude",)
+    wb.sweep_sparsities.value = "0.25, 0.5"
+    press_cancel_on(wb, "Sweep: dense")  # after the dense row
+    wb.sweep(wait=True)
+    assert wb.error == "", wb.error
+    assert list(wb.sweep_table["method"]) == ["dense"]  # stopped before the first pruned point
+    assert "Sweep finished: 1 points" in wb.message.value and "(stopped early)" in wb.message.value
+    assert not wb.session.stop_requested  # the request ended with the sweep it stopped
 
 
 @pytest.mark.parametrize("text, expected", [("0.3, abc", "numbers separated by commas"),

@@ -553,13 +553,13 @@ def prune_from_disk(source: str | Path, out: str | Path, config: PruneConfig, ca
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-    _prepare_out(source, out, resume, overwrite)
     model = skeleton(source, dtype=reader.dtype())
     layout = describe(model)
+    slim_options = _slim_options(model, layout, config, slim)  # refused before anything is written
+    _prepare_out(source, out, resume, overwrite)
     load_outside_blocks(model, layout, reader)
     if activations_in_memory is None:
         activations_in_memory = activations_fit(layout, config)
-    slim_options = _slim_options(model, layout, config, slim)
     fingerprint = {"source": str(source.resolve()), "config": json.dumps(config.to_dict(), sort_keys=True),
                    "calibration": _calibration_fingerprint(calibration)}
     if slim_options is not None:
@@ -585,8 +585,12 @@ def _slim_options(model: nn.Module, layout: ModelLayout, config: PruneConfig, sl
         return None
     pattern = config.validate()
     from workbench.slim import _check_slimmable, rounded_size
+    from workbench.structured import StructureError
 
-    _check_slimmable(layout, pattern.kind)
+    try:
+        _check_slimmable(layout, pattern.kind)
+    except StructureError as error:
+        raise OffloadError(f"{error}: prune without --slim (slim=None) to write it") from error
     round_to = slim.get("round_to") if pattern.kind == "channel" else None
     size = None
     if slim.get("uniform"):

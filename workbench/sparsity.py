@@ -32,6 +32,13 @@ def _zeros_and_numel(weight: torch.Tensor, reference_shape: tuple[int, int] | No
     return zeros, numel
 
 
+def layer_sparsity(weight: torch.Tensor, reference_shape: tuple[int, int] | None = None) -> float:
+    """Zeros / elements of one weight (a keep mask counts its pruned entries); removed rows or
+    columns count as zeros when `reference_shape` gives the dense shape."""
+    zeros, numel = _zeros_and_numel(weight, reference_shape)
+    return zeros / numel if numel else 0.0
+
+
 def sparsity_table(model: nn.Module, layout: ModelLayout | None = None,
                    reference_shapes: dict[str, tuple[int, int]] | None = None) -> pd.DataFrame:
     """One row per prunable linear in the decoder blocks."""

@@ -78,13 +78,25 @@ class InputStats:
             raise RuntimeError("this layer's statistics were collected without the Gram matrix")
         return torch.div(self.gram, max(self.tokens, 1), out=out)
 
-    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float:
-        """||(W - W') X||^2 / ||W X||^2 over the calibration tokens, from the Gram matrix."""
+    def relative_error(self, dense: torch.Tensor | None, pruned: torch.Tensor | None = None,
+                       error_energy: float | None = None, output_energy: float | None = None) -> float:
+        """||(W - W') X||^2 / ||W X||^2 over the calibration tokens, from the Gram matrix; either
+        energy may be given by a caller that already knows it (SparseGPT's sweep knows the first)."""
         gram = self.gram
         if gram is None:
             return float("nan")
-        delta = (dense.float() - pruned.float()).to(gram.device)
-        dense = dense.float().to(gram.device)
-        num = ((delta @ gram) * delta).sum()
-        den = ((dense @ gram) * dense).sum()
-        return float(num / den) if den > 0 else float("nan")
+        if error_energy is None:
+            delta = dense.float().to(gram.device) - pruned.float().to(gram.device)
+            num = float(((delta @ gram) * delta).sum())
+        else:
+            num = float(error_energy)
+        den = self.output_energy(dense) if output_energy is None else output_energy
+        return num / den if den > 0 else float("nan")
+
+    def output_energy(self, weight: torch.Tensor) -> float:
+        """||W X||^2 over the calibration tokens (NaN without the Gram matrix)."""
+        gram = self.gram
+        if gram is None:
+            return float("nan")
+        weight = weight.float().to(gram.device)
+        return float(((weight @ gram) * weight).sum())

@@ -37,7 +37,7 @@ from workbench.progress import Progress, within
 from workbench.prune import PruneCancelled, PruneConfig, PruneResult, prune
 from workbench.ray_sweep import run_ray_sweep
 from workbench.recipe import RECIPE_FILE, make_recipe, masks_match, read_recipe, reproduce, write_recipe
-from workbench.report import most_pruned_layer
+from workbench.report import layer_weight, most_pruned_layer
 from workbench.runs import RunError, create_run, list_runs, load_run, write_json
 from workbench.saving import save_folder
 from workbench.session import (  # noqa: F401  (re-exported: callers use workflow.Session, workflow.load, ...)
@@ -255,14 +255,23 @@ def _compare_in_task_order(dense: dict, sparse: dict, tasks: Sequence[str]) -> t
     return pd.concat(frames, ignore_index=True), row_tasks
 
 
-def make_figures(result: PruneResult, zoom_layer: str | None = None) -> tuple[dict, str | None]:
-    """Heatmap of counted sparsity, one layer's mask, per-layer output error (None where absent)."""
+def zoom_figure(result: PruneResult, layer: str, model=None):
+    """The mask zoom of `layer`: its picture and pruned share are the zeros of the layer's weight
+    in `model` (the pruned model), as the heatmap counts them; the method's mask without a model."""
+    from workbench import plots  # matplotlib: ~1.3 s of start-up that only figures need
+
+    return plots.mask_zoom(result.masks[layer], layer=layer, weight=layer_weight(model, layer))
+
+
+def make_figures(result: PruneResult, zoom_layer: str | None = None, model=None) -> tuple[dict, str | None]:
+    """Heatmap of counted sparsity, one layer's mask zoom (counted from its weight in `model`, the
+    pruned model, when given), per-layer output error (None where absent)."""
     from workbench import plots  # matplotlib: ~1.3 s of start-up that only figures need
     if zoom_layer is None or zoom_layer not in result.masks:
         zoom_layer = most_pruned_layer(result)
     figures = {
         "heatmap": plots.sparsity_heatmap(result.sparsity),
-        "mask_zoom": plots.mask_zoom(result.masks[zoom_layer], layer=zoom_layer) if zoom_layer else None,
+        "mask_zoom": zoom_figure(result, zoom_layer, model) if zoom_layer else None,
         "error_heatmap": plots.error_heatmap(result.errors)
         if not result.errors.empty and result.errors["error"].notna().any() else None,
     }
@@ -409,7 +418,7 @@ def _prune_and_evaluate(session: Session, config: PruneConfig, tasks: tuple[str,
         timings["sparse_eval_s"] = time.perf_counter() - t0
         session.pruned_eval = pruned_eval
         comparison, row_tasks = _compare_in_task_order(dense_eval, pruned_eval, tasks)
-    figures, zoom = make_figures(result, zoom_layer)
+    figures, zoom = make_figures(result, zoom_layer, session.model)
     timings["total_s"] = time.perf_counter() - started
     if progress is not None:
         progress(1.0, "Done")
@@ -766,7 +775,7 @@ def reproduce_job(session: Session, recipe, tasks: Sequence[str] = (), limit: in
                                                      data_dir=session.data_dir)
         seconds["evaluate_sparse"] = time.perf_counter() - t0
         comparison, row_tasks = _compare_in_task_order(dense_eval, pruned_eval, tasks)
-    figures, zoom = make_figures(result) if record else ({}, None)
+    figures, zoom = make_figures(result, model=session.model) if record else ({}, None)
     outcome = PruneOutcome(result=result, table=summary_table(session, result, comparison, row_tasks or tasks),
                            comparison=comparison if comparison is not None else pd.DataFrame(), figures=figures,
                            timings={f"{k}_s": round(v, 2) for k, v in seconds.items()},

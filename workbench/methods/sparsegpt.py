@@ -5,8 +5,9 @@ The columns are visited in three nested spans. A lazy block (`blocksize`, 128 by
 span whose unstructured mask is chosen at once; inside it, sub-blocks of `SUB_BLOCK` columns are
 solved column by column with rank-1 updates confined to the sub-block, and each finished sub-block
 passes its errors to the rest of the lazy block in one matrix product, as each lazy block does to
-the rest of the layer. Only the small updates are column by column; every large one is a GEMM.
-The result is the textbook per-column loop's, up to float summation order.
+the rest of the layer. Only the small updates are column by column (compiled on CPU:
+`workbench.methods.column_sweep`); every large one is a GEMM. The result is the textbook
+per-column loop's, up to float summation order.
 
 Layers fed the same input (q/k/v, gate/up) share one Hessian, and the sweep treats every output
 row on its own: `sparsegpt_joint` solves them as one matrix stacked along the output dimension,
@@ -15,129 +16,18 @@ one pass over the columns with larger products, unstructured masks still chosen 
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
+from workbench.methods.inverse_hessian import InverseHessianFactor, inverse_hessian_factor
 from workbench.patterns import Pattern, PatternError, unstructured_mask
+
+__all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt", "sparsegpt_joint"]
 
 # Columns per sub-block: small enough that a rank-1 update of the sub-block stays one cheap
 # single-threaded op, large enough that the GEMM after it does most of the work.
 SUB_BLOCK = 16
-
-
-def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float,
-                              refill: Callable[[torch.Tensor], object]) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian, retrying with more damping.
-
-    Computed in the storage of `hessian`, which is overwritten and returned: an 11008-wide
-    Hessian is 0.45 GiB in fp32, and the out-of-place chain (identity, damped sum, Cholesky
-    factor, inverse, upper factor) held five of them at once. A failed attempt leaves the storage
-    half-factorised; `refill(hessian)` writes the Hessian back before the next one. Same values
-    as the out-of-place chain, bit for bit.
-
-    (Factoring the order-reversed Hessian and inverting the triangle gives the same factor with
-    less work, but its different rounding flips near-tied mask choices: kept as the textbook
-    computes it.)"""
-    diag_mean = torch.diagonal(hessian).mean()
-    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
-    damp = percdamp
-    for attempt in range(6):
-        if attempt:
-            refill(hessian)
-        torch.diagonal(hessian).add_(damp * diag_mean)
-        torch.linalg.cholesky_ex(hessian, out=(hessian, info))
-        if not _failed(info):
-            torch.cholesky_inverse(hessian, out=hessian)
-            torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))
-            if not _failed(info):
-                return hessian
-        damp *= 10
-    raise RuntimeError("SparseGPT: the layer's Hessian stays singular even with heavy dampening")
-
-
-def _failed(info: torch.Tensor) -> bool:
-    """Whether a `cholesky_ex` failed; a meta-device run (shapes only) has no values to check."""
-    return info.device.type != "meta" and int(info) != 0
-
-
-class _FactorCache:
-    """The last inverse-Hessian factor, kept for the statistics object it came from.
-
-    Linears fed the same input (q/k/v, gate/up) share one statistics object, so the driver's
-    consecutive solves for them reuse one factorisation. The entry is keyed on the object itself
-    (held weakly), its token count and the Gram matrix's in-place version counter, so statistics
-    that grew or changed since are factorised afresh."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._entry = None  # (weakref to stats, key, (upper factor, dead inputs))
-
-    @staticmethod
-    def _key(stats, percdamp: float, device: torch.device) -> tuple:
-        gram = stats.gram
-        return stats.tokens, gram._version, gram.data_ptr(), float(percdamp), str(device)
-
-    def get(self, stats, percdamp: float, device: torch.device):
-        with self._lock:
-            entry = self._entry
-        if entry is None or entry[0]() is not stats or entry[1] != self._key(stats, percdamp, device):
-            return None
-        return entry[2]
-
-    def put(self, stats, percdamp: float, device: torch.device, value) -> None:
-        try:
-            # the factor goes with its statistics: a driver that drops a block's statistics
-            # frees the factor too (an 11008-wide one is 0.45 GiB in fp32)
-            ref = weakref.ref(stats, self._forget)
-        except TypeError:  # an object that cannot be referenced weakly is simply not cached
-            return
-        with self._lock:
-            self._entry = (ref, self._key(stats, percdamp, device), value)
-
-    def _forget(self, ref) -> None:
-        with self._lock:
-            if self._entry is not None and self._entry[0] is ref:
-                self._entry = None
-
-
-_factors = _FactorCache()
-
-
-def inverse_hessian_factor(stats, percdamp: float,
-                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of the dampened inverse Hessian, mask of dead inputs) for a layer's
-    input statistics; inputs that never fired get a unit diagonal so the Hessian stays invertible.
-    The factor is shared by consecutive calls with the same, unchanged statistics object."""
-    device = torch.device(device)
-    cached = _factors.get(stats, percdamp, device)
-    if cached is not None:
-        return cached
-    gram = stats.gram
-    if gram is None:
-        stats.hessian()  # raises, naming the problem
-    hessian = torch.empty_like(gram, device=device)
-
-    def write_hessian(out: torch.Tensor) -> None:  # into `out`, without a temporary on its device
-        if out.device == gram.device:
-            stats.hessian(out=out)
-        else:
-            out.copy_(stats.hessian())
-
-    write_hessian(hessian)
-    dead = torch.diagonal(hessian) == 0
-
-    def refill(out: torch.Tensor) -> None:
-        write_hessian(out)
-        torch.diagonal(out)[dead] = 1.0
-
-    torch.diagonal(hessian)[dead] = 1.0
-    value = (_inverse_hessian_cholesky(hessian, percdamp, refill), dead)
-    _factors.put(stats, percdamp, device, value)
-    return value
 
 
 @contextmanager
@@ -155,6 +45,39 @@ def _one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _compiled_sweep(device: torch.device) -> bool:
+    """Whether the sub-block sweep runs compiled (`workbench.methods.column_sweep`): on CPU."""
+    return device.type == "cpu"
+
+
+class _TorchSweep:
+    """The sub-block sweep in PyTorch ops, for devices without the compiled CPU kernel
+    (`workbench.methods.column_sweep`, same arithmetic): an error row and a rank-1 update per
+    column, a `topk` per N:M group."""
+
+    def __init__(self, block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor,
+                 errors: torch.Tensor, pattern: Pattern, diag_sq: torch.Tensor):
+        self.block, self.scale, self.pattern, self.diag_sq = block, scale, pattern, diag_sq
+        self.inverse_diag = 1.0 / torch.diagonal(upper).unsqueeze(1)
+        # Row views made once: indexing in the loop below is a large share of its cost.
+        self.rows = (block.unbind(0), errors.unbind(0), scale.unbind(0), upper.unbind(0))
+
+    def __call__(self, start: int, end: int) -> None:
+        columns, column_errors, column_scales, upper_rows = self.rows
+        pattern = self.pattern
+        for i in range(start, end):
+            if pattern.kind == "nm" and (i - start) % pattern.m == 0:
+                # N:M groups are chosen on the weights as updated by every earlier column.
+                group = slice(i, i + pattern.m)
+                saliency = self.block[group].square().div_(self.diag_sq[group])
+                kept = torch.topk(saliency, pattern.n, dim=0).indices
+                self.scale[group].copy_(self.inverse_diag[group].expand_as(saliency))
+                self.scale[group].scatter_(0, kept, 0.0)
+            torch.mul(columns[i], column_scales[i], out=column_errors[i])
+            if i + 1 < end:
+                self.block[i + 1:end].addr_(upper_rows[i][i + 1:end], column_errors[i], alpha=-1.0)
 
 
 def _solve_lazy_block(block: torch.Tensor, upper: torch.Tensor, pattern: Pattern, sparsity: float,
@@ -176,23 +99,18 @@ def _solve_lazy_block(block: torch.Tensor, upper: torch.Tensor, pattern: Pattern
             keep[:, span] = unstructured_mask(saliency[:, span], sparsity)
         scale = torch.logical_not(keep) * (1.0 / diag)  # bool masks: `where` is 3x slower here
     else:
-        scale = (1.0 / diag).expand_as(block).contiguous()  # each N:M group zeroes its kept
+        scale = torch.empty_like(block)  # written group by group as the sweep chooses
     errors = torch.empty_like(block)
-    # Row views made once: indexing in the loop below is a large share of its cost.
-    columns, column_errors, column_scales, upper_rows = (block.unbind(0), errors.unbind(0),
-                                                         scale.unbind(0), upper.unbind(0))
+    if _compiled_sweep(block.device):
+        from workbench.methods.column_sweep import CompiledSweep
+
+        n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)
+        sweep = CompiledSweep(block, upper, scale, errors, n, m)
+    else:
+        sweep = _TorchSweep(block, upper, scale, errors, pattern, diag_sq)
     for start in range(0, width, sub_block):
         end = min(start + sub_block, width)
-        for i in range(start, end):
-            if pattern.kind == "nm" and (i - start) % pattern.m == 0:
-                # N:M groups are chosen on the weights as updated by every earlier column.
-                group = slice(i, i + pattern.m)
-                saliency = block[group].square().div_(diag_sq[group])
-                kept = torch.topk(saliency, pattern.n, dim=0).indices
-                scale[group].scatter_(0, kept, 0.0)
-            torch.mul(columns[i], column_scales[i], out=column_errors[i])
-            if i + 1 < end:
-                block[i + 1:end].addr_(upper_rows[i][i + 1:end], column_errors[i], alpha=-1.0)
+        sweep(start, end)
         if end < width:
             block[end:].addmm_(upper[start:end, end:].t(), errors[start:end], alpha=-1.0)
     if pattern.kind == "nm":
@@ -209,14 +127,19 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float,
 
 
 def sparsegpt_joint(weights: list[torch.Tensor], stats, pattern: Pattern, sparsity: float,
-                    blocksize: int = 128, percdamp: float = 0.01,
+                    blocksize: int = 128, percdamp: float = 0.01, error_energies: list | None = None,
                     **_) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(new weight, keep mask) per layer of `weights`, layers fed the same input (one `stats`),
     solved as one matrix stacked along the output dimension: the OBS sweep treats every output
     row on its own, so one pass over the columns serves all of them with larger products. An
     unstructured mask is still chosen per layer (in each lazy block, among that layer's
     weights), so each result equals `sparsegpt` on that layer alone, up to float summation
-    order."""
+    order.
+
+    With `error_energies` (a list), each layer's ||(W - W') X||^2 over the calibration tokens is
+    appended to it, read off the sweep instead of a product with X^T X: each column's error row
+    e is its removed part / d, and W - W' = E U, so sum(E^2) = tr((W - W') (H + damping I)
+    (W - W')^T); the damping's share is subtracted."""
     if pattern.kind not in ("unstructured", "nm"):
         raise PatternError(f"SparseGPT prunes element-wise patterns, not {pattern}")
     if not weights:
@@ -224,15 +147,14 @@ def sparsegpt_joint(weights: list[torch.Tensor], stats, pattern: Pattern, sparsi
     widths = {w.shape[1] for w in weights}
     if len(widths) != 1:
         raise ValueError(f"a joint SparseGPT solve needs layers of one input width, got {sorted(widths)}")
-    upper, dead = inverse_hessian_factor(stats, percdamp, weights[0].device)
+    factor = inverse_hessian_factor(stats, percdamp, weights[0].device)
+    upper, dead = factor.upper, factor.dead
     # W^T, so that a column of W is a contiguous row and its rank-1 update one BLAS call.
     layers, offset = [], 0
     for w in weights:
         layers.append(slice(offset, offset + w.shape[0]))
         offset += w.shape[0]
-    Wt = torch.empty(weights[0].shape[1], offset, dtype=torch.float32, device=weights[0].device)
-    for w, span in zip(weights, layers):
-        Wt[:, span].copy_(w.t())
+    Wt = torch.cat([w.t().to(torch.float32) for w in weights], dim=1)  # a new tensor, even for one layer
     Wt[dead] = 0.0
 
     cols = Wt.shape[0]
@@ -242,15 +164,32 @@ def sparsegpt_joint(weights: list[torch.Tensor], stats, pattern: Pattern, sparsi
         sub_block = max(pattern.m, sub_block // pattern.m * pattern.m)
     sub_block = min(sub_block, blocksize)
     keep_t = torch.ones_like(Wt, dtype=torch.bool)
+    error_sq = torch.zeros(offset, dtype=torch.float64, device=Wt.device)  # sum(E^2) per output row
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         with _one_cpu_thread(Wt.device):
             keep_t[start:end], errors = _solve_lazy_block(Wt[start:end], upper[start:end, start:end],
                                                           pattern, sparsity, sub_block, layers)
+            if error_energies is not None:
+                error_sq += errors.square().sum(0)
         if end < cols:
             Wt[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1.0)
     Wt.mul_(keep_t)  # a boolean-indexed fill costs 3x more
-    return [(Wt[:, span].t().contiguous(), keep_t[:, span].t().contiguous()) for span in layers]
+    # transposed back in one piece each (3x faster than layer by layer); the layers are row spans
+    new_weights, keeps = Wt.t().contiguous(), keep_t.t().contiguous()
+    results = [(new_weights, keeps)] if len(layers) == 1 else \
+        [(new_weights[span].clone(), keeps[span].clone()) for span in layers]  # no shared storage
+    if error_energies is not None:
+        has_dead = bool(dead.any())
+        for w, span in zip(weights, layers):
+            change = w.float() - new_weights[span]
+            if has_dead:
+                change[:, dead] = 0.0  # X is 0 there: no output error
+            # per-row sums in fp32, rows added in fp64: the subtraction below can cancel most digits
+            change_sq = torch.linalg.vector_norm(change, dim=1).double().square().sum()
+            in_h = float(error_sq[span].sum() - float(factor.damping) * change_sq)
+            error_energies.append(max(in_h, 0.0) * max(stats.tokens, 1))  # H = X^T X / tokens
+    return results
 
 
 sparsegpt.solve_joint = sparsegpt_joint  # how the driver finds the stacked solve of a method

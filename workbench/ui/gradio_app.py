@@ -100,13 +100,6 @@ def _reporter(progress: gr.Progress):
     return lambda fraction, message: progress(fraction, desc=message)
 
 
-def _tab() -> str | None:
-    """The session hash of the browser tab whose event is running here (None outside an event)."""
-    from gradio.context import LocalContext
-
-    return getattr(LocalContext.request.get(None), "session_hash", None)
-
-
 def installed_task_choices(pickers: int, wait: float = 180.0):
     """`load`: the evaluation pickers' choices with every installed lm-eval task, once lm-eval's
     task list is ready (built once per process in the background; waits for it up to `wait` s)."""
@@ -127,15 +120,17 @@ def close_tab(request: gr.Request) -> None:
 
 
 @contextmanager
-def _job(session: workflow.Session, what: str):
-    """One job per session at a time; user errors become a clear message, never a trace."""
+def _job(session: workflow.Session, what: str, request: gr.Request | None):
+    """One job per session at a time; user errors become a clear message, never a trace. `request` is the
+    event's (Gradio passes it to a handler's `gr.Request` parameter); None when called outside an event."""
     if session.busy:
         raise _error(f"{session.busy[0].upper()}{session.busy[1:]} is still running in this tab: wait for it "
                        "or press Cancel.", print_exception=False)
     session.stop_requested = False
     session.busy = what
     try:
-        with TAB_JOBS.running(_tab(), session):  # closing the tab stops the job (workbench.ui.tabs)
+        # closing the tab stops the job (workbench.ui.tabs)
+        with TAB_JOBS.running(getattr(request, "session_hash", None), session):
             yield
     except gr.Error as error:
         if _public(session):
@@ -251,9 +246,9 @@ def on_source_kind(choice: str):
 
 
 def on_load(session: workflow.Session, choice: str, text: str | None, upload, dtype: str,
-               progress=gr.Progress()):
+               request: gr.Request | None = None, progress=gr.Progress()):
     source = _source(choice, text, upload)
-    with _job(session, "loading"):
+    with _job(session, "loading", request):
         info = workflow.load(session, source, dtype, _reporter(progress))
     status = f"Loaded in {info.get('load_s')} s."
     return status, info_table(info, _public(session)), _model_line(session)
@@ -283,7 +278,7 @@ def _limit(value) -> int | None:
 
 def on_prune(session: workflow.Session, method: str, pattern: str, sparsity: float, scope: str,
               calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
-              calibration_file=None, progress=gr.Progress()):
+              calibration_file=None, request: gr.Request | None = None, progress=gr.Progress()):
     """Prune the dense model; returns status, summary table, figures, timings, layer choices.
     An uploaded calibration file, when given, replaces the named calibration data."""
     if calibration_file:
@@ -293,7 +288,7 @@ def on_prune(session: workflow.Session, method: str, pattern: str, sparsity: flo
         eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
         raise _error(_say(session, " ".join(problems)), print_exception=False)
-    with _job(session, "pruning"):
+    with _job(session, "pruning", request):
         try:
             outcome = workflow.run_prune(session, _settings(method, pattern, sparsity, scope, calibration,
                                                             nsamples, seqlen),
@@ -325,9 +320,7 @@ def on_prune(session: workflow.Session, method: str, pattern: str, sparsity: flo
 def zoom(session: workflow.Session, layer: str | None):
     if not layer or not session.is_pruned or layer not in session.result.masks:
         return None
-    from workbench.plots import mask_zoom
-
-    return _image(mask_zoom(session.result.masks[layer], layer=layer))
+    return _image(workflow.zoom_figure(session.result, layer, session.model))
 
 
 def cancel(session: workflow.Session) -> str:
@@ -367,7 +360,8 @@ def _points(table: pd.DataFrame):
 
 def on_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_patterns: list[str],
               mode: str, scope: str, calibration: str, nsamples: int, seqlen: int, tasks: list[str], limit: int,
-              backend: str = "local", address: str = "", progress=gr.Progress()) -> Iterator:
+              backend: str = "local", address: str = "", request: gr.Request | None = None,
+              progress=gr.Progress()) -> Iterator:
     """Stream the sweep: status, table and curve after every finished point."""
     values = _floats(sparsities)
     if not values and not nm_patterns:
@@ -378,7 +372,7 @@ def on_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_
     total = len(methods) * (len(values) + len(nm_patterns)) + 1
     run_dir = runs_root() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-sweep-{uuid.uuid4().hex[:6]}"
     table = None
-    with _job(session, "the sweep"):
+    with _job(session, "the sweep", request):
         for table in workflow.iter_sweep(session, methods, values, nm_patterns, tasks, _limit(limit),
                                          run_dir=run_dir, progress=_reporter(progress), mode=mode, scope=scope,
                                          calibration=calibration, nsamples=nsamples, seqlen=seqlen,
@@ -392,8 +386,8 @@ def on_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_
     yield f"{done}; saved as run `{run_dir.name}`.{why}{kept}", _points(table), _curve(table), _model_line(session)
 
 
-def generate(session: workflow.Session, prompt: str, max_new_tokens: int):
-    with _job(session, "generating"):
+def generate(session: workflow.Session, prompt: str, max_new_tokens: int, request: gr.Request | None = None):
+    with _job(session, "generating", request):
         dense, pruned = workflow.generate(session, prompt, max_new_tokens)
     return dense, pruned if pruned is not None else "(nothing pruned yet: run Prune first)"
 
@@ -445,7 +439,7 @@ def show_comparison(table: pd.DataFrame | None, kinds: list[str]):
 
 
 def on_export(session: workflow.Session, formats: list[str], name: str, overwrite: bool, make_zip: bool = True,
-           uniform: bool = False, progress=gr.Progress()):
+           uniform: bool = False, request: gr.Request | None = None, progress=gr.Progress()):
     """Write the export (a zip too when `make_zip`); the zip is served without a second copy."""
     from workbench.ui.downloads import loaders_line, private_link
 
@@ -456,7 +450,7 @@ def on_export(session: workflow.Session, formats: list[str], name: str, overwrit
             raise _error("the export was stopped; nothing was written", print_exception=False)
         report(fraction, message)
 
-    with _job(session, "exporting"):
+    with _job(session, "exporting", request):
         progress(0.1, desc="Writing the model ...")
         exported = workflow.export(session, exports_root() / session.id, name, formats, overwrite=overwrite,
                                    make_zip=bool(make_zip), uniform=bool(uniform), progress=reported)

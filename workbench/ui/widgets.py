@@ -491,7 +491,8 @@ class Workbench:
                                    on_point=self._show_sweep, **options)
         self.sweep_table = table
         self._show_sweep(table)
-        stopped = " (stopped early)" if self.session.stop_requested else ""
+        # a stopped sweep returns the points it finished (the stop request is spent by then)
+        stopped = " (stopped early)" if len(table) < len(methods) * (len(sparsities) + len(nm)) + 1 else ""
         kept = ". Your pruned model is unchanged: export it or compare with it" if self.session.is_pruned else ""
         return f"Sweep finished: {len(table)} points, the dense model first{stopped}{kept}"
 
@@ -522,7 +523,7 @@ class Workbench:
         layer = change["new"]
         if not layer or self.session.result is None or layer not in self.session.result.masks:
             return
-        self.zoom.value = figure_png(plots.mask_zoom(self.session.result.masks[layer], layer=layer))
+        self.zoom.value = figure_png(workflow.zoom_figure(self.session.result, layer, self.session.model))
 
     def _on_pattern(self, change) -> None:
         """N:M fixes the sparsity; channel/head set the scope and a method that removes whole units
