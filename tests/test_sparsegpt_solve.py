@@ -1,8 +1,6 @@
 """The blocked SparseGPT solve against the textbook per-column loop, the shared factor, and the
 stacked solve of layers that share an input against each layer solved alone."""
 
-import importlib
-
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
@@ -15,8 +13,6 @@ from workbench.patterns import parse_pattern
 from workbench.prune import PruneConfig, _block_stats, capture_block_inputs, prune
 from workbench.solve_groups import input_groups
 from workbench.stats import InputStats
-
-sparsegpt_module = importlib.import_module("workbench.methods.sparsegpt")  # the package exports the function
 
 
 def textbook_sparsegpt(weight, hessian, pattern, sparsity, blocksize, percdamp=0.01):
@@ -76,17 +72,9 @@ CASES = [  # pattern, rows, cols, blocksize: partial last blocks, blocks narrowe
 ]
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def sweep(request, monkeypatch):
-    """Each test below runs with the compiled CPU sweep and with the PyTorch one other devices use."""
-    if request.param == "torch":
-        monkeypatch.setattr(sparsegpt_module, "_compiled_sweep", lambda device: False)
-    return request.param
-
-
 @pytest.mark.parametrize("pattern, rows, cols, blocksize", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, seed, sweep):
+def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, seed):
     weight, stats = random_layer(rows, cols, seed)
     p = parse_pattern(pattern)
     expected_weight, expected_keep = textbook_sparsegpt(weight, stats.hessian(), p, 0.6, blocksize)
@@ -96,7 +84,7 @@ def test_blocked_solve_equals_the_textbook_loop(pattern, rows, cols, blocksize, 
     assert (new_weight[~keep] == 0).all()
 
 
-def test_dead_inputs_match_the_textbook_loop(sweep):
+def test_dead_inputs_match_the_textbook_loop():
     weight, stats = random_layer(32, 64, seed=2)
     x = torch.randn(512, 64)
     x[:, [3, 17, 40]] = 0.0  # inputs that never fire
@@ -131,7 +119,7 @@ def test_thread_count_is_restored():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 @pytest.mark.parametrize("blocksize", [16, 128])
-def test_stacked_solve_equals_each_layer_solved_alone(pattern, blocksize, sweep):
+def test_stacked_solve_equals_each_layer_solved_alone(pattern, blocksize):
     _, stats = random_layer(8, 64, seed=5)
     g = torch.Generator().manual_seed(6)
     # q, k, v of different widths; k's weights ten times larger, so a mask chosen over the stacked
@@ -247,7 +235,7 @@ def test_cholesky_inverse_and_reversal_in_place(n, monkeypatch):
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_error_energies_equal_the_error_measured_from_the_gram_matrix(pattern, sweep):
+def test_error_energies_equal_the_error_measured_from_the_gram_matrix(pattern):
     g = torch.Generator().manual_seed(9)
     x = torch.randn(300, 64, generator=g) * torch.logspace(-2, 1, 64)
     x[:, [5, 40]] = 0.0  # inputs that never fire

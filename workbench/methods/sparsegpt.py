@@ -5,9 +5,8 @@ The columns are visited in three nested spans. A lazy block (`blocksize`, 128 by
 span whose unstructured mask is chosen at once; inside it, sub-blocks of `SUB_BLOCK` columns are
 solved column by column with rank-1 updates confined to the sub-block, and each finished sub-block
 passes its errors to the rest of the lazy block in one matrix product, as each lazy block does to
-the rest of the layer. Only the small updates are column by column (compiled on CPU:
-`workbench.methods.column_sweep`); every large one is a GEMM. The result is the textbook
-per-column loop's, up to float summation order.
+the rest of the layer. Only the small updates are column by column; every large one is a GEMM.
+The result is the textbook per-column loop's, up to float summation order.
 
 Layers fed the same input (q/k/v, gate/up) share one Hessian, and the sweep treats every output
 row on its own: `sparsegpt_joint` solves them as one matrix stacked along the output dimension,
@@ -47,15 +46,9 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _compiled_sweep(device: torch.device) -> bool:
-    """Whether the sub-block sweep runs compiled (`workbench.methods.column_sweep`): on CPU."""
-    return device.type == "cpu"
-
-
-class _TorchSweep:
-    """The sub-block sweep in PyTorch ops, for devices without the compiled CPU kernel
-    (`workbench.methods.column_sweep`, same arithmetic): an error row and a rank-1 update per
-    column, a `topk` per N:M group."""
+class _Sweep:
+    """The column-by-column sweep of one sub-block: an error row and a rank-1 update per column,
+    a `topk` per N:M group."""
 
     def __init__(self, block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor,
                  errors: torch.Tensor, pattern: Pattern, diag_sq: torch.Tensor):
@@ -101,13 +94,7 @@ def _solve_lazy_block(block: torch.Tensor, upper: torch.Tensor, pattern: Pattern
     else:
         scale = torch.empty_like(block)  # written group by group as the sweep chooses
     errors = torch.empty_like(block)
-    if _compiled_sweep(block.device):
-        from workbench.methods.column_sweep import CompiledSweep
-
-        n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)
-        sweep = CompiledSweep(block, upper, scale, errors, n, m)
-    else:
-        sweep = _TorchSweep(block, upper, scale, errors, pattern, diag_sq)
+    sweep = _Sweep(block, upper, scale, errors, pattern, diag_sq)
     for start in range(0, width, sub_block):
         end = min(start + sub_block, width)
         sweep(start, end)
