@@ -4,13 +4,17 @@
     .venv/bin/python bench/solve_bench.py --old /tmp/old_sparsegpt.py
     .venv/bin/python bench/solve_bench.py --skip-groups --e2e        # the bundled model end to end
 
+For a before/after of everything (the factor included), copy this script into a worktree of the
+older commit and run it there: it imports the `workbench` package next to it.
+
 Each group of a bundled SmolLM2-135M block (layers fed one input, solved as one stacked matrix):
 q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536 (out x in), lazy blocksize 128, on one
 torch thread as the driver's side-by-side solves run, the inverse-Hessian factor included. A
 solve's nominal work is 2 x (rows x cols^2 + 2/3 cols^3) FLOPs (the OBS updates, and the
 factor as the reference computes it); the matmul rate is a (rows x cols) @ (cols x cols)
 product timed in the same run, so the ratio holds on a busy machine even when the absolute
-figures do not.
+figures do not. A second table times one block's four groups solved one after another on one
+thread against side by side on two, as the driver runs them on CPU.
 
 With `--e2e`, SparseGPT prunes the bundled model end to end (16 x 256 WikiText-2 tokens by
 default) against one dense forward over the same tokens, timed before and after each prune. For
@@ -23,6 +27,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,6 +85,7 @@ def main() -> None:
           f"loadavg before: {Path('/proc/loadavg').read_text().split()[:3]}")
     if not args.skip_groups:
         joint_table(args, old.sparsegpt_joint if old is not None else None)
+        block_table(args)
     if args.e2e:
         end_to_end(args)
 
@@ -126,6 +132,48 @@ def joint_table(args, old_joint) -> None:
                       f"{nominal / after_s / 1e9:.1f} ({nominal / after_cpu / 1e9:.1f}) | "
                       f"{nominal / after_cpu / 1e9 / matmul_rate:.2f} | {before_s / after_s:.2f}x "
                       f"({before_cpu / after_cpu:.2f}x) |", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def solve_serially(groups, pattern, blocksize: int) -> None:
+    for weights, stats in groups:
+        solve_stacked(sparsegpt_joint, weights, stats, pattern, blocksize)
+
+
+def solve_side_by_side(groups, pattern, blocksize: int) -> None:
+    with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = [pool.submit(solve_stacked, sparsegpt_joint, weights, stats, pattern, blocksize)
+                   for weights, stats in groups]
+        for future in futures:
+            future.result()
+
+
+def block_table(args) -> None:
+    """A block's four groups solved one after another on one thread, and side by side on two
+    threads of one torch thread each, largest first, as the driver solves them on CPU. With
+    work that releases the GIL the ratio approaches 2; Python-dispatched small ops queue on it."""
+    groups = []
+    g = torch.Generator().manual_seed(2)
+    for widths, cols in GROUPS.values():
+        _, stats = layer(8, cols)
+        groups.append(([torch.randn(rows, cols, generator=g) for rows in widths], stats))
+    groups.sort(key=lambda group: -(group[1].in_features ** 3 + sum(w.shape[0] for w in group[0])
+                                    * group[1].in_features ** 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\nOne block's groups, serial (1 thread) vs side by side (2 threads), loadavg "
+          f"{Path('/proc/loadavg').read_text().split()[:3]}")
+    print("| pattern | serial ms | side by side ms | serial / side by side |")
+    print("|---|---:|---:|---:|")
+    try:
+        for pattern_name in args.patterns.split(","):
+            pattern = parse_pattern(pattern_name)
+
+            serial_s, _ = best_of(args.repeat, solve_serially, groups, pattern, args.blocksize)
+            side_s, _ = best_of(args.repeat, solve_side_by_side, groups, pattern, args.blocksize)
+            print(f"| {pattern_name} | {serial_s * 1e3:.0f} | {side_s * 1e3:.0f} | {serial_s / side_s:.2f}x |",
+                  flush=True)
     finally:
         torch.set_num_threads(threads)
 

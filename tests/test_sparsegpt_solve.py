@@ -1,6 +1,8 @@
 """The blocked SparseGPT solve against the textbook per-column loop, the shared factor, and the
 stacked solve of layers that share an input against each layer solved alone."""
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
@@ -13,6 +15,9 @@ from workbench.patterns import parse_pattern
 from workbench.prune import PruneConfig, _block_stats, capture_block_inputs, prune
 from workbench.solve_groups import input_groups
 from workbench.stats import InputStats
+
+# the module, not the `sparsegpt` function that workbench.methods exports under its name
+sparsegpt_module = importlib.import_module("workbench.methods.sparsegpt")
 
 
 def textbook_sparsegpt(weight, hessian, pattern, sparsity, blocksize, percdamp=0.01):
@@ -232,6 +237,56 @@ def test_cholesky_inverse_and_reversal_in_place(n, monkeypatch):
     reversed_ = spd.clone()
     inverse_hessian._reverse_in_place(reversed_)
     assert torch.equal(reversed_, spd.flip(0, 1))
+
+
+@pytest.mark.parametrize("n", [300, 601])
+def test_factor_by_halves_equals_the_lapack_factor(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g) * torch.logspace(-1, 1, n)
+    spd = x.t() @ x / (2 * n) + 0.01 * torch.eye(n)
+    expected = spd.clone()
+    assert inverse_hessian._upper_factor_lapack(expected, lapack=True)
+    halves = spd.clone()
+    assert inverse_hessian._upper_factor_by_halves(halves)  # 601: uneven halves, non-contiguous leaves
+    assert torch.equal(halves, torch.triu(halves))
+    assert torch.allclose(halves, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    not_definite = spd.clone()
+    not_definite[n - 1, n - 1] = -1.0  # found in the first leaf
+    assert not inverse_hessian._upper_factor_by_halves(not_definite)
+    not_definite = spd.clone()
+    not_definite[0, 0] = -1.0  # found only after the first half's update
+    assert not inverse_hessian._upper_factor_by_halves(not_definite)
+
+
+def test_wide_layers_factored_by_halves_match_the_textbook_loop():
+    assert inverse_hessian._HALVES_MIN <= 300 <= inverse_hessian._HALVES_MAX
+    weight, stats = random_layer(16, 300, seed=3)
+    for pattern in ("unstructured", "2:4"):
+        p = parse_pattern(pattern)
+        expected_weight, expected_keep = textbook_sparsegpt(weight, stats.hessian(), p, 0.5, 128)
+        new_weight, keep = sparsegpt(weight.clone(), stats, p, 0.5)
+        assert torch.equal(keep, expected_keep)
+        assert torch.allclose(new_weight, expected_weight, rtol=1e-4, atol=1e-4 * float(weight.abs().max()))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_compiled_sweep_equals_the_python_sweep(pattern):
+    compiled = sparsegpt_module._compiled_sweep()
+    assert isinstance(compiled, torch.jit.ScriptFunction)  # TorchScript compiles it on this torch
+    weight, stats = random_layer(48, 64, seed=4)
+    upper = inverse_hessian_factor(stats, 0.01).upper
+    p = parse_pattern(pattern)
+    n, m = (p.n, p.m) if p.kind == "nm" else (0, 0)
+    block = weight.t().contiguous()
+    scale = torch.zeros_like(block) if m else (torch.rand(block.shape) < 0.5) / torch.diagonal(upper).unsqueeze(1)
+    results = []
+    for sweep in (sparsegpt_module._sweep_lazy_block, compiled):
+        work, work_scale = block.clone(), scale.clone()
+        errors = sweep(work, upper, work_scale, n, m, 16)
+        results.append((work, work_scale, errors))
+    (w1, s1, e1), (w2, s2, e2) = results
+    assert torch.equal(s1 == 0, s2 == 0)
+    assert torch.allclose(w1, w2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

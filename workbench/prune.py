@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench import distributed, guards
-from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, weight_of
+from workbench.arch import BlockInfo, LinearInfo, ModelLayout, describe, in_out_features, replace_weight, weight_of
 from workbench.devices import place_activations
 from workbench.flops import flops_budget_to_sparsity, lm_head_params
 from workbench.jsonio import dataclass_from
@@ -756,14 +756,13 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
                 decided = [(lin, dense, *result) for lin, dense, result in zip(linears, denses, solved)]
                 del denses, solved
             for lin, dense, new_weight, keep in decided:
-                weight = weight_of(lin.module)
                 # the mask is the contract, whatever the method did (unit masks are built on CPU)
                 new_weight = new_weight * keep.to(new_weight.device)
                 error = measured.pop(lin.full_name) if lin.full_name in measured else \
                     stats[lin.full_name].relative_error(dense, new_weight) \
                     if config.reports_error and lin.full_name in stats else float("nan")
                 stats.pop(lin.full_name, None)  # statistics (and SparseGPT's factor) freed once used
-                weight.copy_(new_weight.to(weight.dtype))
+                replace_weight(lin.module, new_weight)  # the caller's copy is not used again
                 if blocks.keeps_masks:
                     masks[lin.full_name] = keep.cpu()
                 errors.append({"block": block.index, "name": lin.full_name, "kind": lin.kind,

@@ -22,24 +22,80 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float,
     is upper triangular: so U is one Cholesky factorisation and one triangular inverse (2/3 n^3
     flops), where inverting H and factoring the inverse takes 4/3 n^3. The same factor up to
     rounding (the textbook chain's rounding differs, so near-tied mask choices can differ).
+    CPU Hessians of moderate width are factored by halves instead (`_upper_factor_by_halves`).
 
     Computed in the storage of `hessian`, which is overwritten and returned: an 11008-wide
-    Hessian is 0.45 GiB in fp32. A failed attempt leaves the storage half-factorised;
+    Hessian is 0.45 GiB in fp32 (factoring by halves adds at most half of one 4096-wide
+    Hessian, 32 MiB, of temporaries). A failed attempt leaves the storage half-factorised;
     `refill(hessian)` writes the Hessian back before the next one."""
     diag_mean = torch.diagonal(hessian).mean()
-    lapack = hessian.device.type == "cpu"
     damp = percdamp
     for attempt in range(6):
         if attempt:
             refill(hessian)
         torch.diagonal(hessian).add_(damp * diag_mean)
-        _reverse_in_place(hessian)
-        if _cholesky_in_place(hessian, lapack):
-            _invert_lower_in_place(hessian, lapack)
-            _reverse_in_place(hessian)
+        if _upper_factor_in_place(hessian):
             return hessian, damp * diag_mean
         damp *= 10
     raise RuntimeError("SparseGPT: the layer's Hessian stays singular even with heavy dampening")
+
+
+# On CPU, Hessians from _HALVES_MIN to _HALVES_MAX wide are factored by halves (see
+# `_upper_factor_by_halves`): LAPACK's single-threaded Cholesky and triangular inverse run at a
+# fifth of the matmul rate here, and two solve threads calling SciPy's OpenBLAS at once queue on
+# its lock (two factors side by side took twice one's time). Beyond _HALVES_MAX the halves'
+# temporaries (half a Hessian) cost more memory than the time they save is worth.
+_HALVES_MIN = 256
+_HALVES_MAX = 4096
+_HALVES_LEAF = 192
+
+
+def _upper_factor_in_place(hessian: torch.Tensor) -> bool:
+    """Overwrite a contiguous symmetric matrix H with U, upper triangular with zeros below,
+    U^T U = H^-1; False when H is not positive definite (the storage is then half-written)."""
+    n = hessian.shape[0]
+    if hessian.device.type == "cpu" and _HALVES_MIN <= n <= _HALVES_MAX:
+        return _upper_factor_by_halves(hessian)
+    return _upper_factor_lapack(hessian, lapack=hessian.device.type == "cpu")
+
+
+def _upper_factor_lapack(hessian: torch.Tensor, lapack: bool) -> bool:
+    """`_upper_factor_in_place` for a contiguous H: P H P = L L^T, then U = P L^-1 P."""
+    _reverse_in_place(hessian)
+    if not _cholesky_in_place(hessian, lapack):
+        return False
+    _invert_lower_in_place(hessian, lapack)
+    _reverse_in_place(hessian)
+    return True
+
+
+def _upper_factor_by_halves(matrix: torch.Tensor) -> bool:
+    """`_upper_factor_in_place` for a square view, recursively on halves, in matrix products.
+
+    With H = V V^T, V = U^-1 upper triangular, split in halves: H22 = V22 V22^T gives U22 (by
+    recursion), V12 = H12 U22^T, H11 - V12 V12^T = V11 V11^T gives U11 (by recursion), and
+    U12 = -U11 V12 U22. 4/3 n^3 flops in GEMMs (twice LAPACK's count, at four times its rate
+    here); leaves go to torch's Cholesky and triangular solve, which release the GIL."""
+    n = matrix.shape[0]
+    if n <= _HALVES_LEAF:
+        leaf = matrix.contiguous()
+        if not _upper_factor_lapack(leaf, lapack=False):
+            return False
+        if leaf.data_ptr() != matrix.data_ptr():
+            matrix.copy_(leaf)
+        return True
+    half = n // 2
+    h11, h12, h22 = matrix[:half, :half], matrix[:half, half:], matrix[half:, half:]
+    if not _upper_factor_by_halves(h22):  # now U22, zeros below its diagonal
+        return False
+    v12 = h12 @ h22.t()
+    h11.addmm_(v12, v12.t(), alpha=-1.0)
+    if not _upper_factor_by_halves(h11):  # now U11
+        return False
+    torch.matmul(h11, v12 @ h22, out=h12)
+    h12.neg_()
+    matrix[half:, :half].zero_()
+    return True
 
 
 # Elements per step when a matrix is reversed in place (two temporaries of this size).
