@@ -289,6 +289,28 @@ def test_compiled_sweep_equals_the_python_sweep(pattern):
     assert torch.allclose(w1, w2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
 
+def test_nth_largest_of_four_equals_a_sort():
+    values = torch.randn(4, 200)
+    values[:, :20] = values[0, :20]  # all four tied
+    values[1, 20:40] = values[2, 20:40]  # two tied
+    ordered = values.sort(dim=0, descending=True).values
+    for n in range(1, 5):
+        assert torch.equal(sparsegpt_module._nth_largest_of_four(values, n), ordered[n - 1])
+
+
+@pytest.mark.parametrize("pattern", ["1:4", "2:4", "3:4", "2:8"])
+def test_tied_saliencies_still_keep_exactly_n_per_group(pattern):
+    p = parse_pattern(pattern)
+    weight, stats = random_layer(24, 32, seed=5)
+    weight[:, 0:3] = 0.0  # three zeros in the first group of every row: tied at the bottom
+    weight[:5, 4:8] = 1.0  # identical weights in a group of some rows
+    weight[5:10, 9] = weight[5:10, 10]
+    new_weight, keep = sparsegpt(weight.clone(), stats, p, 0.5, blocksize=16)
+    kept_per_group = keep.view(24, -1, p.m).sum(-1)
+    assert (kept_per_group == p.n).all()
+    assert (new_weight[~keep] == 0).all()
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_error_energies_equal_the_error_measured_from_the_gram_matrix(pattern):
     g = torch.Generator().manual_seed(9)
