@@ -258,6 +258,14 @@ def test_factor_by_halves_equals_the_lapack_factor(n):
     assert not inverse_hessian._upper_factor_by_halves(not_definite)
 
 
+def test_factor_temporaries_are_counted_where_the_factor_makes_them():
+    low, high = inverse_hessian._HALVES_MIN, inverse_hessian._HALVES_MAX
+    assert inverse_hessian.factor_temporary_bytes(low - 1) == 0  # LAPACK in place
+    assert inverse_hessian.factor_temporary_bytes(high + 1) == 0
+    assert inverse_hessian.factor_temporary_bytes(high) == high * high * 4 // 2  # half a Hessian
+    assert inverse_hessian.factor_temporary_bytes(100, "cuda") == 100 * 100 * 4
+
+
 def test_wide_layers_factored_by_halves_match_the_textbook_loop():
     assert inverse_hessian._HALVES_MIN <= 300 <= inverse_hessian._HALVES_MAX
     weight, stats = random_layer(16, 300, seed=3)

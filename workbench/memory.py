@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from workbench.arch import ModelLayout, describe, in_out_features
+from workbench.methods.inverse_hessian import factor_temporary_bytes
 from workbench.prune import PruneConfig
 
 GIB = 2 ** 30
@@ -129,8 +130,9 @@ def _stats_and_workspace(layout: ModelLayout, config: PruneConfig) -> tuple[int,
         in_f, out_f = in_out_features(lin.module)
         if config.method_record.obs_update:
             # fp32 dense copy, W^T being solved, its mask, the returned weight and mask; the
-            # Hessian is factorised in place in one buffer that becomes the inverse's factor
-            need = out_f * in_f * (4 + 4 + 1 + 4 + 1) + in_f * in_f * 4
+            # Hessian is factorised in one buffer that becomes the inverse's factor, with the
+            # factorisation's own temporaries (none for the widest CPU Hessians)
+            need = out_f * in_f * (4 + 4 + 1 + 4 + 1) + in_f * in_f * 4 + factor_temporary_bytes(in_f)
         else:
             # fp32 dense copy, new weight, scores, sort indices (int64), mask
             need = out_f * in_f * (4 + 4 + 4 + 8 + 1)

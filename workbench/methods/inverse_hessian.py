@@ -50,6 +50,14 @@ _HALVES_MAX = 4096
 _HALVES_LEAF = 192
 
 
+def factor_temporary_bytes(width: int, device_type: str = "cpu") -> int:
+    """Bytes the factor of a `width`-wide Hessian holds besides the Hessian's own buffer: half a
+    Hessian by halves on CPU, one matrix for the triangular solve off CPU, none in place."""
+    if device_type == "cpu":
+        return 2 * width * width if _HALVES_MIN <= width <= _HALVES_MAX else 0
+    return 4 * width * width
+
+
 def _upper_factor_in_place(hessian: torch.Tensor) -> bool:
     """Overwrite a contiguous symmetric matrix H with U, upper triangular with zeros below,
     U^T U = H^-1; False when H is not positive definite (the storage is then half-written)."""

@@ -71,7 +71,7 @@ def _choose_group(saliency: torch.Tensor, inverse_diag: torch.Tensor, n: int, gr
     0 for the n kept. Groups of four compare against the n-th largest value, unless a tie there
     would keep more than n; those, and other group sizes, take a `topk`."""
     m = saliency.shape[0]
-    if m == 4:
+    if m == 4 and not saliency.is_meta:  # a meta tensor (shapes only) has no count to read
         pruned = saliency < _nth_largest_of_four(saliency, n)
         if int(pruned.sum()) == (m - n) * saliency.shape[1]:  # at most m - n per row, so exactly
             torch.mul(pruned, inverse_diag, out=group_scale)
