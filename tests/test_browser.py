@@ -76,6 +76,19 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).click()
 
 
+def small_settings(page, nth: int = 0) -> None:
+    """4 x 32 calibration tokens and 2 evaluation items: a tiny model's prune or sweep in seconds
+    (`nth=1`: the Sweep tab's boxes, the Prune tab's being first)."""
+    fill_number(page, "calibration samples", 4, nth=nth)
+    fill_number(page, "tokens per sample", 32, nth=nth)
+    fill_number(page, "evaluation size", 2, nth=nth)
+
+
+def choose_method(page, method: str) -> None:
+    page.get_by_label("method").first.click()
+    page.get_by_role("option", name=method, exact=True).click()
+
+
 def expect_text(page, selector: str, text: str, timeout: float = 120_000) -> None:
     playwright_api.expect(page.locator(selector)).to_contain_text(text, timeout=timeout)
 
@@ -101,9 +114,7 @@ def test_whole_workflow_in_the_browser(page, app_url, folders):  # noqa: F811
     shot(page, "tiny-1-model")
 
     open_tab(page, "Prune")
-    fill_number(page, "calibration samples", 4)
-    fill_number(page, "tokens per sample", 32)
-    fill_number(page, "evaluation size", 2)
+    small_settings(page)
     page.locator("#prune-button").click()
     expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4")
     heatmap = page.locator("#heatmap img")
@@ -118,9 +129,7 @@ def test_whole_workflow_in_the_browser(page, app_url, folders):  # noqa: F811
 
     open_tab(page, "Sweep")
     page.get_by_label("unstructured sparsities").fill("0.5")
-    fill_number(page, "calibration samples", 4, nth=1)
-    fill_number(page, "tokens per sample", 32, nth=1)
-    fill_number(page, "evaluation size", 2, nth=1)
+    small_settings(page, nth=1)
     page.locator("#sweep-button").click()
     expect_text(page, "#sweep-status", "Sweep finished: 3 points")
     playwright_api.expect(page.locator("#curve img")).to_be_visible()
@@ -168,8 +177,7 @@ def test_bundled_model_walkthrough(page, app_url):
     expect_text(page, "#model-info", "LlamaForCausalLM")
     shot(page, "bundled-1-model")
     open_tab(page, "Prune")  # 2:4 with Wanda (no weight update: seconds); small calibration and evaluation
-    page.get_by_label("method").first.click()
-    page.get_by_role("option", name="wanda", exact=True).click()
+    choose_method(page, "wanda")
     fill_number(page, "calibration samples", 8)
     fill_number(page, "tokens per sample", 128)
     fill_number(page, "evaluation size", 8)

@@ -8,7 +8,17 @@ import time
 
 import pytest
 import torch
-from test_browser import browser, expect_text, fill_number, load, new_page, open_tab, playwright_api, start  # noqa: F401
+from test_browser import (  # noqa: F401 - the browser fixture and page helpers
+    browser,
+    expect_text,
+    fill_number,
+    load,
+    new_page,
+    open_tab,
+    playwright_api,
+    small_settings,
+    start,
+)
 from test_gradio_app import folders, serve_app  # noqa: F401 - fixtures shared with the API tests
 
 from workbench.ui import gradio_app, tabs
@@ -77,9 +87,7 @@ def test_closing_the_tab_cancels_its_job_and_frees_the_queue(browser, app, deep_
         start(page, app)
         load(page, folders["llama"])
         open_tab(page, "Prune")
-        fill_number(page, "calibration samples", 4)
-        fill_number(page, "tokens per sample", 32)
-        fill_number(page, "evaluation size", 2)
+        small_settings(page)
         page.locator("#prune-button").click()
         expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4")
     finally:
@@ -128,9 +136,7 @@ def test_export_without_zip_writes_the_folder_only(browser, app, folders):  # no
         start(page, app)
         load(page, folders["llama"])
         open_tab(page, "Prune")
-        fill_number(page, "calibration samples", 4)
-        fill_number(page, "tokens per sample", 32)
-        fill_number(page, "evaluation size", 2)
+        small_settings(page)
         page.locator("#prune-button").click()
         expect_text(page, "#prune-status", "Pruned with sparsegpt 2:4")
 
@@ -150,16 +156,26 @@ def test_export_without_zip_writes_the_folder_only(browser, app, folders):  # no
         context.close()
 
 
-def test_an_abandoned_sweep_stops_when_its_tab_closes(tmp_path):
-    import threading
-
-    from test_workflow import SMALL, block_weights, save_tiny
+@pytest.fixture
+def tiny_session(tmp_path):
+    """A workbench session holding a tiny saved model, and its dense block weights."""
+    from test_workflow import block_weights, save_tiny
 
     from workbench import workflow
 
     session = workflow.Session()
     workflow.load(session, save_tiny(tmp_path / "model"))
-    dense = block_weights(session)
+    return session, block_weights(session)
+
+
+def test_an_abandoned_sweep_stops_when_its_tab_closes(tmp_path, tiny_session):
+    import threading
+
+    from test_workflow import SMALL, block_weights
+
+    from workbench import workflow
+
+    session, dense = tiny_session
     sweep = workflow.iter_sweep(session, ["magnitude"], [0.3, 0.5, 0.7], [], ["lambada"], 2,
                                 run_dir=tmp_path / "sweep", **SMALL)
     assert len(next(sweep)) == 1  # the dense row; the page that asked for more is gone
@@ -197,15 +213,13 @@ def test_the_evaluation_picker_offers_every_installed_lm_eval_task(browser, app)
         context.close()
 
 
-def test_a_stop_during_the_evaluation_leaves_the_model_dense(tmp_path):
-    from test_workflow import SMALL, block_weights, save_tiny
+def test_a_stop_during_the_evaluation_leaves_the_model_dense(tiny_session):
+    from test_workflow import SMALL, block_weights
 
     from workbench import workflow
     from workbench.prune import PruneCancelled
 
-    session = workflow.Session()
-    workflow.load(session, save_tiny(tmp_path / "model"))
-    dense = block_weights(session)
+    session, dense = tiny_session
     messages = []
     settings = {"method": "sparsegpt", "pattern": "2:4", **SMALL}
     with pytest.raises(PruneCancelled, match="during the evaluation"):

@@ -5,14 +5,15 @@ from __future__ import annotations
 from test_browser import (  # noqa: F401 - fixtures shared with the other browser tests
     app_url,
     browser,
+    choose_method,
     expect_text,
-    fill_number,
     folders,
     load,
     open_tab,
     page,
     playwright_api,
     shot,
+    small_settings,
     start,
 )
 
@@ -24,20 +25,15 @@ def test_a_sweep_keeps_the_pruned_model_for_export(page, app_url, folders):  # n
     load(page, folders["llama"])
 
     open_tab(page, "Prune")
-    page.get_by_label("method").first.click()
-    page.get_by_role("option", name="wanda", exact=True).click()
-    fill_number(page, "calibration samples", 4)
-    fill_number(page, "tokens per sample", 32)
-    fill_number(page, "evaluation size", 2)
+    choose_method(page, "wanda")
+    small_settings(page)
     page.locator("#prune-button").click()
     expect_text(page, "#prune-status", "Pruned with wanda 2:4")
     expect(page.locator("#model-line")).to_contain_text("(pruned)")
 
     open_tab(page, "Sweep")  # magnitude and wanda at 50%: three points, the dense model first
     page.get_by_label("unstructured sparsities").fill("0.5")
-    fill_number(page, "calibration samples", 4, nth=1)
-    fill_number(page, "tokens per sample", 32, nth=1)
-    fill_number(page, "evaluation size", 2, nth=1)
+    small_settings(page, nth=1)
     page.locator("#sweep-button").click()
     expect_text(page, "#sweep-status", "Sweep finished: 3 points")
     expect(page.locator("#sweep-status")).to_contain_text("pruned model is unchanged")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import char_tokenizer
-from test_browser import browser, expect_text, fill_number, playwright_api, shot, start  # noqa: F401
+from test_browser import (  # noqa: F401 - the browser fixture and page helpers
+    browser,
+    choose_method,
+    expect_text,
+    playwright_api,
+    shot,
+    small_settings,
+    start,
+)
 from test_browser import new_page as browser_page
 from test_gradio_app import serve_app
 from tiny_models import tiny_model
@@ -52,11 +60,8 @@ def pruned_page(browser, app_url, folder):  # noqa: F811
     page.locator("#load-button").click()
     expect_text(page, "#load-status", "Loaded")
     open_tab(page, "Prune")
-    page.get_by_label("method").first.click()
-    page.get_by_role("option", name="wanda", exact=True).click()
-    fill_number(page, "calibration samples", 4)
-    fill_number(page, "tokens per sample", 32)
-    fill_number(page, "evaluation size", 2)
+    choose_method(page, "wanda")
+    small_settings(page)
     page.locator("#prune-button").click()
     expect_text(page, "#prune-status", "Pruned with wanda 2:4")
     yield page
