@@ -297,6 +297,21 @@ def test_compiled_sweep_equals_the_python_sweep(pattern):
     assert torch.allclose(w1, w2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
 
+def test_sweep_runs_in_python_where_torchscript_cannot_compile_it(monkeypatch):
+    def no_torchscript(fn):
+        raise RuntimeError("TorchScript unavailable")
+
+    monkeypatch.setattr(torch.jit, "script", no_torchscript)
+    monkeypatch.setattr(sparsegpt_module, "_compiled", None)
+    weight, stats = random_layer(24, 48, seed=6)
+    p = parse_pattern("2:4")
+    expected_weight, expected_keep = textbook_sparsegpt(weight, stats.hessian(), p, 0.5, 16)
+    new_weight, keep = sparsegpt(weight.clone(), stats, p, 0.5, blocksize=16)
+    assert sparsegpt_module._compiled is sparsegpt_module._sweep_lazy_block
+    assert torch.equal(keep, expected_keep)
+    assert torch.allclose(new_weight, expected_weight, rtol=1e-4, atol=1e-4 * float(weight.abs().max()))
+
+
 def test_nth_largest_of_four_equals_a_sort():
     values = torch.randn(4, 200)
     values[:, :20] = values[0, :20]  # all four tied
