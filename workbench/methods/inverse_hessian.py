@@ -82,8 +82,9 @@ def _upper_factor_by_halves(matrix: torch.Tensor) -> bool:
 
     With H = V V^T, V = U^-1 upper triangular, split in halves: H22 = V22 V22^T gives U22 (by
     recursion), V12 = H12 U22^T, H11 - V12 V12^T = V11 V11^T gives U11 (by recursion), and
-    U12 = -U11 V12 U22. 4/3 n^3 flops in GEMMs (twice LAPACK's count, at four times its rate
-    here); leaves go to torch's Cholesky and triangular solve, which release the GIL."""
+    U12 = -U11 V12 U22. About n^3 flops in GEMMs (products with a triangle skip its zero quarter;
+    LAPACK counts 2/3 n^3 at a fifth of the GEMM rate here); leaves go to torch's Cholesky and
+    triangular solve, which release the GIL."""
     n = matrix.shape[0]
     if n <= _HALVES_LEAF:
         leaf = matrix.contiguous()
@@ -96,14 +97,44 @@ def _upper_factor_by_halves(matrix: torch.Tensor) -> bool:
     h11, h12, h22 = matrix[:half, :half], matrix[:half, half:], matrix[half:, half:]
     if not _upper_factor_by_halves(h22):  # now U22, zeros below its diagonal
         return False
-    v12 = h12 @ h22.t()
-    h11.addmm_(v12, v12.t(), alpha=-1.0)
+    v12 = _times_upper(h12, h22.t(), lower=True)
+    if half > _HALVES_LEAF:  # split again, which reads only the upper triangle: skip the rest
+        quarter = half // 2
+        h11[:quarter].addmm_(v12[:quarter], v12.t(), alpha=-1.0)
+        h11[quarter:, quarter:].addmm_(v12[quarter:], v12[quarter:].t(), alpha=-1.0)
+    else:
+        h11.addmm_(v12, v12.t(), alpha=-1.0)
     if not _upper_factor_by_halves(h11):  # now U11
         return False
-    torch.matmul(h11, v12 @ h22, out=h12)
+    v12_u22 = _times_upper(v12, h22)
+    del v12  # at most two half-by-half temporaries alive at once (`factor_temporary_bytes`)
+    h12.copy_(_upper_times(h11, v12_u22))
     h12.neg_()
     matrix[half:, :half].zero_()
     return True
+
+
+def _times_upper(x: torch.Tensor, triangle: torch.Tensor, lower: bool = False) -> torch.Tensor:
+    """x @ triangle for an upper (or `lower`) triangular square matrix, its zero quarter skipped:
+    three quarters of the product's work."""
+    cut = triangle.shape[0] // 2
+    out = x.new_empty(x.shape[0], triangle.shape[1])
+    if lower:
+        torch.mm(x, triangle[:, :cut], out=out[:, :cut])
+        torch.mm(x[:, cut:], triangle[cut:, cut:], out=out[:, cut:])
+    else:
+        torch.mm(x[:, :cut], triangle[:cut, :cut], out=out[:, :cut])
+        torch.mm(x, triangle[:, cut:], out=out[:, cut:])
+    return out
+
+
+def _upper_times(upper: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """upper @ y for an upper triangular square matrix, its zero quarter skipped."""
+    cut = upper.shape[0] // 2
+    out = y.new_empty(upper.shape[0], y.shape[1])
+    torch.mm(upper[:cut], y, out=out[:cut])
+    torch.mm(upper[cut:, cut:], y[cut:], out=out[cut:])
+    return out
 
 
 # Elements per step when a matrix is reversed in place (two temporaries of this size).
