@@ -469,6 +469,12 @@ def record_run(session: Session, outcome: PruneOutcome, root: str | Path | None 
 # --- sweep ----------------------------------------------------------------------------------
 
 
+def sweep_size(methods: Sequence[str], sparsities: Sequence[float] = (), nm_patterns: Sequence[str] = ()) -> int:
+    """How many pruned points a sweep of `methods` x (`sparsities` + `nm_patterns`) measures; its
+    table has one more row, the dense model's."""
+    return len(methods) * (len(sparsities) + len(nm_patterns))
+
+
 def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[float] = (),
               nm_patterns: Sequence[str] = (), eval_tasks: Sequence[str] = ("lambada",), limit: int | None = 32,
               run_dir: str | Path | None = None, progress: Progress | None = None,
@@ -493,7 +499,7 @@ def run_sweep(session: Session, methods: Sequence[str], sparsities: Sequence[flo
     settings.setdefault("seqlen", INTERACTIVE_SEQLEN)
     if limits is not None:
         _check_calibration_source(settings.get("calibration"), limits)
-        limits.check("max_sweep_points", len(methods) * (len(sparsities) + len(nm_patterns)))
+        limits.check("max_sweep_points", sweep_size(methods, sparsities, nm_patterns))
         for name, bound in (("nsamples", "max_nsamples"), ("seqlen", "max_seqlen")):
             try:
                 value = int(settings[name])

@@ -369,7 +369,7 @@ def on_sweep(session: workflow.Session, methods: list[str], sparsities: str, nm_
     problems = workflow.validate_settings(eval_tasks=tasks, limit=_limit(limit), limits=session.limits)
     if problems:
         raise _error(_say(session, " ".join(problems)), print_exception=False)
-    total = len(methods) * (len(values) + len(nm_patterns)) + 1
+    total = workflow.sweep_size(methods, values, nm_patterns) + 1  # the dense model first
     run_dir = runs_root() / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-sweep-{uuid.uuid4().hex[:6]}"
     table = None
     with _job(session, "the sweep", request):

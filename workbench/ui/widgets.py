@@ -492,7 +492,7 @@ class Workbench:
         self.sweep_table = table
         self._show_sweep(table)
         # a stopped sweep returns the points it finished (the stop request is spent by then)
-        stopped = " (stopped early)" if len(table) < len(methods) * (len(sparsities) + len(nm)) + 1 else ""
+        stopped = " (stopped early)" if len(table) < workflow.sweep_size(methods, sparsities, nm) + 1 else ""
         kept = ". Your pruned model is unchanged: export it or compare with it" if self.session.is_pruned else ""
         return f"Sweep finished: {len(table)} points, the dense model first{stopped}{kept}"
 
