@@ -245,7 +245,7 @@ def test_factor_by_halves_equals_the_lapack_factor(n):
     x = torch.randn(2 * n, n, generator=g) * torch.logspace(-1, 1, n)
     spd = x.t() @ x / (2 * n) + 0.01 * torch.eye(n)
     expected = spd.clone()
-    assert inverse_hessian._upper_factor_lapack(expected, lapack=True)
+    assert inverse_hessian._upper_factor_whole(expected, lapack=True)
     halves = spd.clone()
     assert inverse_hessian._upper_factor_by_halves(halves)  # 601: uneven halves, non-contiguous leaves
     assert torch.equal(halves, torch.triu(halves))

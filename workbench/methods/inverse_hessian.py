@@ -1,5 +1,6 @@
 """The dampened inverse Hessian's Cholesky factor that SparseGPT's column sweep reads, computed
-in place in one Hessian-sized buffer and shared by the layers fed the same input."""
+in the Hessian's own buffer (plus bounded temporaries, `factor_temporary_bytes`) and shared by
+the layers fed the same input."""
 
 from __future__ import annotations
 
@@ -11,6 +12,48 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class InverseHessianFactor:
+    """What the column sweep needs of a layer's input statistics."""
+
+    upper: torch.Tensor  # U with U^T U = (H + damping I)^-1, H = X^T X / tokens
+    dead: torch.Tensor  # inputs that never fired: given a unit diagonal in H, their weights zeroed
+    damping: torch.Tensor  # 0-d: percdamp x H's mean diagonal, raised when H stayed singular
+
+
+def inverse_hessian_factor(stats, percdamp: float, device: torch.device | str = "cpu") -> InverseHessianFactor:
+    """The dampened inverse Hessian's factor for a layer's input statistics; inputs that never
+    fired get a unit diagonal so the Hessian stays invertible. The factor is shared by
+    consecutive calls with the same, unchanged statistics object."""
+    device = torch.device(device)
+    cached = _factors.get(stats, percdamp, device)
+    if cached is not None:
+        return cached
+    gram = stats.gram
+    if gram is None:
+        stats.hessian()  # raises, naming the problem
+    hessian = torch.empty_like(gram, device=device)
+
+    def write_hessian(out: torch.Tensor) -> None:  # into `out`, without a temporary on its device
+        if out.device == gram.device:
+            stats.hessian(out=out)
+        else:
+            out.copy_(stats.hessian())
+
+    write_hessian(hessian)
+    dead = torch.diagonal(hessian) == 0
+
+    def refill(out: torch.Tensor) -> None:
+        write_hessian(out)
+        torch.diagonal(out)[dead] = 1.0
+
+    torch.diagonal(hessian)[dead] = 1.0
+    upper, damping = _inverse_hessian_cholesky(hessian, percdamp, refill)
+    value = InverseHessianFactor(upper, dead, damping)
+    _factors.put(stats, percdamp, device, value)
+    return value
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float,
@@ -64,11 +107,12 @@ def _upper_factor_in_place(hessian: torch.Tensor) -> bool:
     n = hessian.shape[0]
     if hessian.device.type == "cpu" and _HALVES_MIN <= n <= _HALVES_MAX:
         return _upper_factor_by_halves(hessian)
-    return _upper_factor_lapack(hessian, lapack=hessian.device.type == "cpu")
+    return _upper_factor_whole(hessian, lapack=hessian.device.type == "cpu")
 
 
-def _upper_factor_lapack(hessian: torch.Tensor, lapack: bool) -> bool:
-    """`_upper_factor_in_place` for a contiguous H: P H P = L L^T, then U = P L^-1 P."""
+def _upper_factor_whole(hessian: torch.Tensor, lapack: bool) -> bool:
+    """`_upper_factor_in_place` for a contiguous H as a whole: P H P = L L^T, then U = P L^-1 P,
+    through SciPy's LAPACK (`lapack`, CPU) or torch's ops."""
     _reverse_in_place(hessian)
     if not _cholesky_in_place(hessian, lapack):
         return False
@@ -88,7 +132,7 @@ def _upper_factor_by_halves(matrix: torch.Tensor) -> bool:
     n = matrix.shape[0]
     if n <= _HALVES_LEAF:
         leaf = matrix.contiguous()
-        if not _upper_factor_lapack(leaf, lapack=False):
+        if not _upper_factor_whole(leaf, lapack=False):
             return False
         if leaf.data_ptr() != matrix.data_ptr():
             matrix.copy_(leaf)
@@ -264,45 +308,3 @@ class _FactorCache:
 
 
 _factors = _FactorCache()
-
-
-@dataclass(frozen=True)
-class InverseHessianFactor:
-    """What the column sweep needs of a layer's input statistics."""
-
-    upper: torch.Tensor  # U with U^T U = (H + damping I)^-1, H = X^T X / tokens
-    dead: torch.Tensor  # inputs that never fired: given a unit diagonal in H, their weights zeroed
-    damping: torch.Tensor  # 0-d: percdamp x H's mean diagonal, raised when H stayed singular
-
-
-def inverse_hessian_factor(stats, percdamp: float, device: torch.device | str = "cpu") -> InverseHessianFactor:
-    """The dampened inverse Hessian's factor for a layer's input statistics; inputs that never
-    fired get a unit diagonal so the Hessian stays invertible. The factor is shared by
-    consecutive calls with the same, unchanged statistics object."""
-    device = torch.device(device)
-    cached = _factors.get(stats, percdamp, device)
-    if cached is not None:
-        return cached
-    gram = stats.gram
-    if gram is None:
-        stats.hessian()  # raises, naming the problem
-    hessian = torch.empty_like(gram, device=device)
-
-    def write_hessian(out: torch.Tensor) -> None:  # into `out`, without a temporary on its device
-        if out.device == gram.device:
-            stats.hessian(out=out)
-        else:
-            out.copy_(stats.hessian())
-
-    write_hessian(hessian)
-    dead = torch.diagonal(hessian) == 0
-
-    def refill(out: torch.Tensor) -> None:
-        write_hessian(out)
-        torch.diagonal(out)[dead] = 1.0
-
-    torch.diagonal(hessian)[dead] = 1.0
-    upper, damping = _inverse_hessian_cholesky(hessian, percdamp, refill)
-    value = InverseHessianFactor(upper, dead, damping)
-    _factors.put(stats, percdamp, device, value)
-    return value

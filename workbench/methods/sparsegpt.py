@@ -121,7 +121,7 @@ def _compiled_sweep():
     """`_sweep_lazy_block` compiled by TorchScript, once per process. In Python each of its small
     ops costs more to dispatch than to run, holding the GIL throughout, so the driver's
     side-by-side solves queued on each other (two threads took 3x one thread's time for twice
-    the work); TorchScript runs the loop without the GIL at about half the per-op cost. Where
+    the work); TorchScript runs the loop without the GIL, at 0.6-0.9x Python's per-op cost. Where
     TorchScript cannot compile it (no source files, a torch without TorchScript), the Python
     function runs: same results, slower."""
     global _compiled
