@@ -2,6 +2,7 @@
 stacked solve of layers that share an input against each layer solved alone."""
 
 import importlib
+import threading
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from tiny_models import tiny_model, token_batch
 
 from workbench import solve_groups
 from workbench.arch import describe
-from workbench.methods import inverse_hessian
+from workbench.methods import column_sweep, inverse_hessian
 from workbench.methods.sparsegpt import inverse_hessian_factor, sparsegpt, sparsegpt_joint
 from workbench.patterns import parse_pattern
 from workbench.prune import PruneConfig, _block_stats, capture_block_inputs, prune
@@ -277,10 +278,23 @@ def test_wide_layers_factored_by_halves_match_the_textbook_loop():
         assert torch.allclose(new_weight, expected_weight, rtol=1e-4, atol=1e-4 * float(weight.abs().max()))
 
 
+@pytest.fixture(params=["numba", "torchscript"])
+def cpu_sweep(request, monkeypatch):
+    """Which compiled sweep SparseGPT runs on CPU: numba's (the default), or TorchScript's, the
+    one it falls back to without numba."""
+    if request.param == "torchscript":
+        monkeypatch.setattr(column_sweep, "sweep_lazy_block", lambda: None)
+    sweep = sparsegpt_module._sweep_for(torch.device("cpu"))
+    if request.param == "numba":
+        assert sweep is column_sweep._sweep_lazy_block  # numba compiles it on this machine
+    else:
+        assert isinstance(sweep, torch.jit.ScriptFunction)  # TorchScript compiles it on this torch
+    return sweep
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-def test_compiled_sweep_equals_the_python_sweep(pattern):
-    compiled = sparsegpt_module._compiled_sweep()
-    assert isinstance(compiled, torch.jit.ScriptFunction)  # TorchScript compiles it on this torch
+def test_compiled_sweeps_equal_the_python_sweep(pattern, cpu_sweep):
+    compiled = cpu_sweep
     weight, stats = random_layer(48, 64, seed=4)
     upper = inverse_hessian_factor(stats, 0.01).upper
     p = parse_pattern(pattern)
@@ -303,6 +317,7 @@ def test_sweep_runs_in_python_where_torchscript_cannot_compile_it(monkeypatch):
 
     monkeypatch.setattr(torch.jit, "script", no_torchscript)
     monkeypatch.setattr(sparsegpt_module, "_compiled", None)
+    monkeypatch.setattr(column_sweep, "sweep_lazy_block", lambda: None)  # no numba either
     weight, stats = random_layer(24, 48, seed=6)
     p = parse_pattern("2:4")
     expected_weight, expected_keep = textbook_sparsegpt(weight, stats.hessian(), p, 0.5, 16)
@@ -322,7 +337,7 @@ def test_nth_largest_of_four_equals_a_sort():
 
 
 @pytest.mark.parametrize("pattern", ["1:4", "2:4", "3:4", "2:8"])
-def test_tied_saliencies_still_keep_exactly_n_per_group(pattern):
+def test_tied_saliencies_still_keep_exactly_n_per_group(pattern, cpu_sweep):
     p = parse_pattern(pattern)
     weight, stats = random_layer(24, 32, seed=5)
     weight[:, 0:3] = 0.0  # three zeros in the first group of every row: tied at the bottom
@@ -352,3 +367,36 @@ def test_error_energies_equal_the_error_measured_from_the_gram_matrix(pattern):
         assert energy == pytest.approx(direct, rel=1e-4)
         assert stats.relative_error(weight, error_energy=energy) == pytest.approx(
             stats.relative_error(weight, new_weight * keep), rel=1e-4)
+
+
+def test_sweep_runs_in_pytorch_ops_where_numba_is_disabled(monkeypatch):
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    monkeypatch.setattr(column_sweep, "_kernel_state", "untried")
+    monkeypatch.setattr(column_sweep, "_kernel", None)
+    assert column_sweep.sweep_lazy_block() is None
+    assert sparsegpt_module._sweep_for(torch.device("cpu")) is sparsegpt_module._compiled_sweep()
+
+
+def test_warm_up_compiles_the_kernel_on_a_background_thread(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(column_sweep, "_kernel_state", "untried")
+    monkeypatch.setattr(column_sweep, "_kernel", None)
+    column_sweep.warm_up()
+    for thread in threading.enumerate():
+        if thread.name == "sparsegpt-sweep-compile":
+            thread.join(120)
+    assert column_sweep._kernel_state == "compiled"
+    assert column_sweep.sweep_lazy_block() is column_sweep._sweep_lazy_block
+
+
+def test_a_prune_warms_its_method_up_before_the_calibration_pass(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sparsegpt, "warm_up", lambda: calls.append("warm"))
+    prune_module = importlib.import_module("workbench.prune")
+    calibrate = prune_module._block0_inputs
+    monkeypatch.setattr(prune_module, "_block0_inputs",
+                        lambda *args, **kwargs: calls.append("calibration") or calibrate(*args, **kwargs))
+    prune(tiny_model("llama"), PruneConfig(method="sparsegpt", pattern="2:4", blocksize=16, batch_size=4),
+          calibration=token_batch(4, 16))
+    assert calls == ["warm", "calibration"]

@@ -12,6 +12,7 @@ loop is bound by those, not by FLOPs). An estimate, not a promise: a busy machin
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,15 +25,15 @@ from workbench.flops import block_flops_per_token
 
 # Fractions of the probe's matmul rate that each kind of work reaches, from the engine
 # measurements on the bundled model (BENCHMARKS.md): block forwards ~0.8 (small micro-batches
-# and attention run below a large GEMM), X^T X strips ~0.8, the SparseGPT factorisations ~0.2
-# (Cholesky runs far below GEMM speed at these widths).
+# and attention run below a large GEMM), X^T X strips ~0.8, the SparseGPT solve ~0.4 (its
+# factors and lazy-block products on the side-by-side solve threads).
 FORWARD_EFFICIENCY = 0.8
 GRAM_EFFICIENCY = 0.7
-SOLVE_EFFICIENCY = 0.2
-# The SparseGPT column sweep is bound by small-op latency: per input column, in units of the
-# probe's small op (an error row, a rank-1 update of a sub-block, a share of its N:M selection
-# and of the sub-block's product; measured 30-40 ms of CPU for a 576 x 576 layer).
-SOLVE_OPS_PER_COLUMN = 8.0
+SOLVE_EFFICIENCY = 0.4
+# The SparseGPT column sweep's small-op latency per input column, in units of the probe's small
+# op: about 2 for numba's compiled sweep (the Python loop over its sub-blocks), 8 for PyTorch
+# ops (an error row, a rank-1 update of a sub-block, a share of its N:M selection).
+SOLVE_OPS_PER_COLUMN = {True: 2.0, False: 8.0}  # keyed by: numba installed
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
     gram = config.collects_gram
     tokens = config.nsamples * config.seqlen if uses_data else 0
     obs_solve = config.method_record.obs_update and not pattern.structured
+    compiled_sweep = importlib.util.find_spec("numba") is not None  # not imported: a quick answer
     forward = gram_flops = solve_flops = solve_ops = 0.0
     for block in layout.blocks:
         forward += tokens * block_flops_per_token(block, layout, config.seqlen)
@@ -122,7 +124,7 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
             widths.setdefault(_shared_input(lin), in_features)
             if obs_solve:
                 solve_flops += out_features * in_features**2
-                solve_ops += SOLVE_OPS_PER_COLUMN * in_features
+                solve_ops += SOLVE_OPS_PER_COLUMN[compiled_sweep] * in_features
             else:
                 solve_flops += 20 * out_features * in_features  # scores, top-k, masking
         for width in widths.values():

@@ -659,6 +659,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration=None, tokenizer=Non
 
     distributed.check_supported(config.method, out_of_core=not isinstance(blocks, InMemoryBlocks))
     method = config.method_record.prune  # element-wise form; structured patterns use a plan
+    if method is not None and not pattern.structured and hasattr(method, "warm_up"):
+        method.warm_up()  # e.g. a compiled kernel, made ready while the calibration pass runs
     needed = config.method_record.stats
     start_time = time.perf_counter()
     plan = None

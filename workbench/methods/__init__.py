@@ -6,7 +6,9 @@ A method's element-wise form is a pure function over one linear layer:
     prune(weight, stats, pattern, sparsity, **options) -> (new_weight, keep_mask)
 
 `weight` is (out_features, in_features) in fp32, `stats` the layer's calibration input statistics
-collected once by the driver (`workbench.stats.InputStats`, None for data-free methods). Its
+collected once by the driver (`workbench.stats.InputStats`, None for data-free methods). The
+function may carry `solve_joint` (layers sharing an input solved as one, `workbench.solve_groups`)
+and `warm_up()` (called as a prune starts, before the calibration pass). Its
 channel/head form is either a unit scorer, `unit_scores(geometry, output_stats) -> scores` over one
 block's units (`workbench.structured.BlockGeometry`; `output_stats` are the statistics of the
 down / o input, None when the method reads none), or a `plan` that chooses every block's units

@@ -5,8 +5,9 @@ The columns are visited in three nested spans. A lazy block (`blocksize`, 128 by
 span whose unstructured mask is chosen at once; inside it, sub-blocks of `SUB_BLOCK` columns are
 solved column by column with rank-1 updates confined to the sub-block, and each finished sub-block
 passes its errors to the rest of the lazy block in one matrix product, as each lazy block does to
-the rest of the layer. Only the small updates are column by column; every large one is a GEMM.
-The result is the textbook per-column loop's, up to float summation order.
+the rest of the layer. Only the small updates are column by column (compiled: numba on CPU,
+TorchScript elsewhere); every large one is a GEMM. The result is the textbook per-column loop's,
+up to float summation order.
 
 Layers fed the same input (q/k/v, gate/up) share one Hessian, and the sweep treats every output
 row on its own: `sparsegpt_joint` solves them as one matrix stacked along the output dimension,
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
+from workbench.methods import column_sweep
 from workbench.methods.inverse_hessian import InverseHessianFactor, inverse_hessian_factor
 from workbench.patterns import Pattern, PatternError, unstructured_mask
 
@@ -89,7 +91,8 @@ def _sweep_lazy_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Ten
 
     `scale[i]` is 1/d_i where column i's weight goes and 0 where it stays, given for an
     unstructured mask (`m` = 0) and written group by group as the sweep chooses N:M groups.
-    Compiled by TorchScript (see `_compiled_sweep`): thousands of small ops per layer."""
+    Thousands of small ops per layer: compiled by TorchScript (`_compiled_sweep`) off CPU and
+    where numba is missing; on CPU numba's kernel runs instead (`_sweep_for`)."""
     width = block.shape[0]
     diag = torch.diagonal(upper).unsqueeze(1)
     inverse_diag = 1.0 / diag
@@ -137,6 +140,16 @@ def _compiled_sweep():
     return _compiled
 
 
+def _sweep_for(device: torch.device):
+    """The lazy-block sweep for tensors on `device`: numba's compiled one on CPU
+    (`workbench.methods.column_sweep`), else PyTorch ops compiled by TorchScript."""
+    if device.type == "cpu":
+        compiled = column_sweep.sweep_lazy_block()
+        if compiled is not None:
+            return compiled
+    return _compiled_sweep()
+
+
 def _solve_lazy_block(block: torch.Tensor, upper: torch.Tensor, pattern: Pattern, sparsity: float,
                       sub_block: int, layers: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one lazy block of W^T in place (rows of `block` are columns of W); `upper` is the
@@ -153,10 +166,10 @@ def _solve_lazy_block(block: torch.Tensor, upper: torch.Tensor, pattern: Pattern
         # 1/d_i where the weight goes: its error is its removed part / d_i. d_i > 0 always, so a
         # zero scale marks exactly the kept weights.
         scale = torch.logical_not(keep) * (1.0 / diag)  # bool masks: `where` is 3x slower here
-        errors = _compiled_sweep()(block, upper, scale, 0, 0, sub_block)
+        errors = _sweep_for(block.device)(block, upper, scale, 0, 0, sub_block)
         return keep, errors
     scale = torch.empty_like(block)
-    errors = _compiled_sweep()(block, upper, scale, pattern.n, pattern.m, sub_block)
+    errors = _sweep_for(block.device)(block, upper, scale, pattern.n, pattern.m, sub_block)
     return torch.logical_not(scale.bool()), errors
 
 
@@ -235,3 +248,4 @@ def sparsegpt_joint(weights: list[torch.Tensor], stats, pattern: Pattern, sparsi
 
 
 sparsegpt.solve_joint = sparsegpt_joint  # how the driver finds the stacked solve of a method
+sparsegpt.warm_up = column_sweep.warm_up  # and what to start before the calibration pass
