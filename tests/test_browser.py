@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def new_page(browser, width: int = 1400, height: int = 1000):
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    # what the page said, printed when a test fails (a lost event shows up here, not on screen)
+    started = time.monotonic()
+    page.console_lines = []
+    page.on("console", lambda m: page.console_lines.append(f"{time.monotonic() - started:7.2f}s {m.type}: {m.text}"))
+    page.on("requestfailed", lambda r: page.console_lines.append(
+        f"{time.monotonic() - started:7.2f}s request failed: {r.method} {r.url} {r.failure}"))
+    page.on("response", lambda r: r.status >= 400 and page.console_lines.append(
+        f"{time.monotonic() - started:7.2f}s HTTP {r.status}: {r.request.method} {r.url}"))
     return context, page
 
 
@@ -56,6 +65,7 @@ def page(browser, request):
     yield page
     if request.session.testsfailed > failures:  # keep what the browser showed when it failed
         shot(page, f"failed-{request.node.name}")
+        print("browser console:", *page.console_lines[-60:], sep="\n  ")
     context.close()
 
 

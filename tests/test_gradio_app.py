@@ -236,6 +236,30 @@ def test_app_builds_without_loading_a_model():
     assert {"load", "prune", "sweep", "export", "generate", "cancel"} <= names
 
 
+def test_each_tab_gets_its_own_session_on_first_use_not_from_a_page_load_event():
+    """A page-load event that set the session could run after the tab's first action and replace
+    a session that already held a model; the session comes from Gradio's per-tab copy instead."""
+    import gradio as gr
+    from gradio.state_holder import SessionState
+
+    from workbench.session import Session
+    from workbench.ui.gradio_app import build_app
+
+    demo = build_app()
+    states = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
+    assert len(states) == 1
+    state = states[0]
+    assert state.load_event is None
+    for dep in demo.fns.values():  # no event at all writes the session
+        assert state._id not in [block._id for block in dep.outputs]
+    first, second = SessionState(demo), SessionState(demo)  # two tabs, as Gradio's store makes them
+    tab_a, tab_b = first[state._id], second[state._id]
+    assert isinstance(tab_a, Session) and isinstance(tab_b, Session)
+    assert tab_a is not tab_b and tab_a.id != tab_b.id
+    assert first[state._id] is tab_a  # the same session on every later event of the tab
+    assert tab_a.limits is demo.workbench_limits
+
+
 def test_cancel_stops_a_running_sweep_and_keeps_finished_points(server, folders):
     app = client(server)
     app.predict(FOLDER, folders["llama"], None, "fp32", api_name="/load")

@@ -12,7 +12,6 @@ its messages, serves each export only to the session that made it and lists a se
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import logging
 import os
@@ -237,6 +236,29 @@ def card_preview(text: str) -> str:
 def new_session(limits: Limits | None = None) -> workflow.Session:
     """A fresh, empty session for each browser tab (and each API client), bounded by `limits`."""
     return workflow.Session(limits=limits)
+
+
+class FreshSession:
+    """The session `gr.State`'s initial value: Gradio gives each tab a deep copy of it, made
+    when the tab's first event reads the state, and that copy is a new empty `Session`.
+
+    A callable initial value (`gr.State(new_session)`) is the documented alternative, but Gradio
+    sets it from a page-load event, which can run after the tab's first action: a model loaded
+    before that event ran was replaced by an empty session, and the next prune said "no model
+    loaded" (seen in about one browser-test run in four on a busy machine)."""
+
+    def __init__(self, limits: Limits | None = None):
+        self.limits = limits
+
+    def __deepcopy__(self, memo) -> workflow.Session:
+        return new_session(self.limits)
+
+
+def session_state(limits: Limits | None) -> gr.State:
+    """The per-tab `Session`, created on the tab's first event and freed when Gradio drops it."""
+    state = gr.State(delete_callback=workflow.free)
+    state.value = FreshSession(limits)  # after __init__, which deep-copies what it is given
+    return state
 
 
 def on_source_kind(choice: str):
@@ -704,7 +726,7 @@ def build_app() -> gr.Blocks:
     limits = app_limits()
     calibration_info = "a name" if limits.public else "a name, or a .txt/.jsonl path"
     with gr.Blocks(title="Prune workbench") as demo:
-        session = gr.State(functools.partial(new_session, limits), delete_callback=workflow.free)
+        session = session_state(limits)
         gr.Markdown(INTRO)
         model_line = gr.Markdown(_model_line(workflow.Session()), elem_id="model-line")
         page = _Page(session, model_line, limits, methods, calibration_info)
