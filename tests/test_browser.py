@@ -42,12 +42,28 @@ def browser():
             chromium.close()
 
 
+_PAGES: list = []  # the pages the running test opened, for `console_on_failure`
+
+
+@pytest.fixture(autouse=True)
+def console_on_failure(request):
+    """What each page of a failed test said (console, failed requests, HTTP errors): a lost event
+    shows up there, not on screen."""
+    _PAGES.clear()
+    failures = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failures:
+        for page in _PAGES:
+            print(f"browser console of {page.url}:", *page.console_lines[-60:], sep="\n  ")
+    _PAGES.clear()
+
+
 def new_page(browser, width: int = 1400, height: int = 1000):
     """A fresh browser context (its own cookies, so its own app session) and its page."""
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(30_000)
-    # what the page said, printed when a test fails (a lost event shows up here, not on screen)
+    _PAGES.append(page)
     started = time.monotonic()
     page.console_lines = []
     page.on("console", lambda m: page.console_lines.append(f"{time.monotonic() - started:7.2f}s {m.type}: {m.text}"))
@@ -65,7 +81,6 @@ def page(browser, request):
     yield page
     if request.session.testsfailed > failures:  # keep what the browser showed when it failed
         shot(page, f"failed-{request.node.name}")
-        print("browser console:", *page.console_lines[-60:], sep="\n  ")
     context.close()
 
 

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
-from test_browser import (  # noqa: F401 - the browser fixture and page helpers
+from test_browser import (  # noqa: F401 - the browser fixtures and page helpers
     browser,
+    console_on_failure,
     expect_text,
     fill_number,
     load,
