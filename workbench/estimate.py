@@ -12,7 +12,6 @@ loop is bound by those, not by FLOPs). An estimate, not a promise: a busy machin
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,6 +21,7 @@ from torch import nn
 
 from workbench.arch import describe, in_out_features
 from workbench.flops import block_flops_per_token
+from workbench.methods import column_sweep
 
 # Fractions of the probe's matmul rate that each kind of work reaches, from the engine
 # measurements on the bundled model (BENCHMARKS.md): block forwards ~0.8 (small micro-batches
@@ -113,7 +113,7 @@ def estimate_prune(model: nn.Module, config, speed: MachineSpeed | None = None) 
     gram = config.collects_gram
     tokens = config.nsamples * config.seqlen if uses_data else 0
     obs_solve = config.method_record.obs_update and not pattern.structured
-    compiled_sweep = importlib.util.find_spec("numba") is not None  # not imported: a quick answer
+    compiled_sweep = column_sweep.numba_installed()
     forward = gram_flops = solve_flops = solve_ops = 0.0
     for block in layout.blocks:
         forward += tokens * block_flops_per_token(block, layout, config.seqlen)

@@ -14,6 +14,7 @@ Where numba is not installed, is disabled (NUMBA_DISABLE_JIT), or cannot compile
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 
@@ -78,17 +79,22 @@ def _sweep_columns(block, upper, scale, errors, start, end, n, m):  # pragma: no
 
 
 _kernel = None
-_kernel_state = "untried"
+_kernel_tried = False
 _kernel_lock = threading.Lock()
+
+
+def numba_installed() -> bool:
+    """Whether numba can be imported, answered without importing it (for the time estimate)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def _compiled_kernel():
     """`_sweep_columns` compiled by numba (once per process, from numba's on-disk cache after the
     first), or None where numba is missing, disabled or fails to compile it."""
-    global _kernel, _kernel_state
+    global _kernel, _kernel_tried
     with _kernel_lock:
-        if _kernel_state == "untried":
-            _kernel_state = "unavailable"
+        if not _kernel_tried:
+            _kernel_tried = True
             try:
                 import numba
 
@@ -97,7 +103,7 @@ def _compiled_kernel():
                 kernel = numba.njit(nogil=True, cache=True, boundscheck=False)(_sweep_columns)
                 probe = np.zeros((4, 2), dtype=np.float32)  # compiles the one signature used
                 kernel(probe, np.eye(4, dtype=np.float32), probe.copy(), probe.copy(), 0, 4, 2, 4)
-                _kernel, _kernel_state = kernel, "compiled"
+                _kernel = kernel
             except Exception as exc:  # noqa: BLE001 -- any failure leaves the PyTorch sweep
                 log.debug("SparseGPT sweep runs in PyTorch ops: numba unavailable (%s)", exc)
     return _kernel
@@ -107,7 +113,7 @@ def warm_up() -> None:
     """Compile the kernel (or load it from numba's cache: about half a second) on a background
     thread, so that the first solve finds it ready: called as a prune starts, before its
     calibration pass. The first solve waits for a compile still under way."""
-    if _kernel_state == "untried":
+    if not _kernel_tried:
         threading.Thread(target=_compiled_kernel, name="sparsegpt-sweep-compile", daemon=True).start()
 
 

@@ -245,7 +245,7 @@ class FreshSession:
     A callable initial value (`gr.State(new_session)`) is the documented alternative, but Gradio
     sets it from a page-load event, which can run after the tab's first action: a model loaded
     before that event ran was replaced by an empty session, and the next prune said "no model
-    loaded" (seen in about one browser-test run in four on a busy machine)."""
+    loaded" (in 4 of 13 runs of the browser tests on a busy 2-core machine)."""
 
     def __init__(self, limits: Limits | None = None):
         self.limits = limits
